@@ -1,0 +1,132 @@
+"""The four unlearning splits: loading (hub or local folder), validation, seeded caps."""
+import os
+import random
+
+from .cli import UserError
+
+SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
+HUB_DATASETS = {
+    "sst2": "karuna-bhaila/Unlearning_SST2v3",
+    "yelp": "karuna-bhaila/Unlearning_Yelp_Polarity",
+}
+LABEL_WORDS = ("negative", "positive")  # label 0, label 1
+FORGET_SIZE_SEED = 42  # the paper draws the forget subset with seed 42
+_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
+
+
+def default_data_dir():
+    """../shared/data/sst2 beside the checkout, when present (tests and the demo read it)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = os.path.join(os.path.dirname(here), "shared", "data", "sst2")
+    return d if os.path.isdir(d) else None
+
+
+def _split_file(data_dir, split):
+    for name in os.listdir(data_dir):
+        stem, ext = os.path.splitext(name)
+        # accept the hub's own names too (v3_train_retain.csv)
+        if ext in _EXTENSIONS and (stem == split or stem.endswith("_" + split)):
+            return os.path.join(data_dir, name)
+    return None
+
+
+def _read_table(path):
+    import pandas as pd
+
+    ext = os.path.splitext(path)[1]
+    try:
+        if ext == ".csv":
+            return pd.read_csv(path, encoding="utf-8-sig", keep_default_na=False)
+        if ext in (".jsonl", ".json"):
+            try:
+                return pd.read_json(path, lines=True)
+            except ValueError:
+                return pd.read_json(path)
+        return pd.read_parquet(path)
+    except Exception as e:  # malformed file: one line, not a trace
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _rows_from_frame(df, where, n_labels):
+    for col in ("text", "label"):
+        if col not in df.columns:
+            raise UserError(f"{where} has no '{col}' column (columns: {', '.join(map(str, df.columns))})")
+    if len(df) == 0:
+        raise UserError(f"{where} is empty")
+    rows = []
+    for i, (text, label) in enumerate(zip(df["text"].tolist(), df["label"].tolist())):
+        try:
+            lab = int(label)
+            ok = lab == label and 0 <= lab < n_labels
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"{where} row {i}: label {label!r} is not in the label set 0..{n_labels - 1}")
+        rows.append({"text": str(text), "label": lab})
+    return rows
+
+
+def _hub_frames(dataset, splits):
+    if dataset not in HUB_DATASETS:
+        raise UserError(f"unknown dataset '{dataset}': choose one of {', '.join(HUB_DATASETS)} or give --data_dir")
+    repo = HUB_DATASETS[dataset]
+    try:
+        from huggingface_hub import hf_hub_download, list_repo_files
+
+        files = list_repo_files(repo, repo_type="dataset")
+        out = {}
+        for split in splits:
+            match = [f for f in files if os.path.splitext(os.path.basename(f))[0].endswith(split)
+                     and f.endswith(_EXTENSIONS)]
+            if not match:
+                raise UserError(f"hub dataset {repo} has no file for split '{split}'")
+            out[split] = (_read_table(hf_hub_download(repo, match[0], repo_type="dataset")), f"{repo}:{match[0]}")
+        return out
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot load hub dataset {repo} ({type(e).__name__}); offline? use --data_dir with local copies")
+
+
+def load_splits(dataset="sst2", data_dir=None, splits=SPLITS, n_labels=len(LABEL_WORDS)):
+    """Return {split: [{"text", "label"}, ...]} from --data_dir if given, else from the hub."""
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise UserError(f"data folder {data_dir} does not exist")
+        frames = {}
+        for split in splits:
+            path = _split_file(data_dir, split)
+            if path is None:
+                raise UserError(f"no file for split '{split}' in {data_dir} (expected {split}.csv, .jsonl or .parquet)")
+            frames[split] = (_read_table(path), path)
+    else:
+        frames = _hub_frames(dataset, splits)
+    return {s: _rows_from_frame(df, where, n_labels) for s, (df, where) in frames.items()}
+
+
+def sample_rows(rows, n, seed):
+    """A seeded random subset of n rows, in their original order (all rows when n is None or too big)."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+def forget_subset(rows, forget_size):
+    """The paper's forget-size ablation: keep floor(τ·|D_f|) rows, drawn with seed 42."""
+    if not 0.0 < forget_size <= 1.0:
+        raise UserError(f"--forget_size must be in (0, 1], got {forget_size}")
+    n = int(len(rows) * forget_size)
+    if n == 0:
+        raise UserError(f"--forget_size {forget_size} keeps no row of the {len(rows)} forget rows")
+    return sample_rows(rows, n, FORGET_SIZE_SEED)
+
+
+def training_splits(args, splits=("train_retain", "train_forget")):
+    """Load the training splits with --forget_size, --max_forget and --max_retain applied."""
+    data = load_splits(args.dataset, args.data_dir, splits)
+    if "train_forget" in data:
+        data["train_forget"] = sample_rows(forget_subset(data["train_forget"], args.forget_size), args.max_forget, args.seed)
+    if "train_retain" in data:
+        data["train_retain"] = sample_rows(data["train_retain"], args.max_retain, args.seed)
+    return data

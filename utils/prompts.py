@@ -1,0 +1,110 @@
+"""The paper's prompt template, label-only masking, truncation that keeps the label, and collation.
+
+Every example ends with its completion (the label tokens). Batches are padded on the *left*, so
+the label tokens sit at the same final positions in every row, also after soft-prompt tokens are
+prepended: the position that predicts the label is always -(n_label_tokens + 1). That lets the
+model compute logits for the last few positions only (`logits_to_keep`).
+"""
+import random
+
+import torch
+
+from .cli import UserError
+from .data import LABEL_WORDS
+
+TEXT_PREFIX = "### Text: "
+QUESTION = "\n\n### Question: What is the sentiment of the given text?\n\n### Sentiment:"
+GENERIC_LABELS = ("neutral", "unknown")
+IGNORE = -100
+
+
+def label_token_ids(tokenizer, word):
+    """Token ids of ' word' as it follows the prompt (tokenised in context, so merges match)."""
+    head = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    full = tokenizer(QUESTION + " " + word, add_special_tokens=False)["input_ids"]
+    if full[: len(head)] != head or len(full) == len(head):
+        raise UserError(f"the tokenizer merges the label '{word}' into the prompt; cannot mask it")
+    return full[len(head):]
+
+
+class PromptEncoder:
+    """Turns {"text", "label"} rows into token ids with the label (or a given completion) masked in."""
+
+    def __init__(self, tokenizer, max_length, label_words=LABEL_WORDS, generic_labels=GENERIC_LABELS):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.label_words = tuple(label_words)
+        self.generic_labels = tuple(generic_labels)
+        self.label_ids = {w: label_token_ids(tokenizer, w) for w in self.label_words + self.generic_labels}
+        firsts = [self.label_ids[w][0] for w in self.label_words + self.generic_labels]
+        if len(set(firsts)) != len(firsts):
+            raise UserError("two label words share their first token; the first-token metric cannot tell them apart")
+        self.question_ids = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+        longest = max(len(v) for v in self.label_ids.values())
+        self.min_length = len(tokenizer(TEXT_PREFIX)["input_ids"]) + len(self.question_ids) + longest
+        if max_length < self.min_length:
+            raise UserError(f"--max_length {max_length} cannot hold the prompt and the label (needs at least {self.min_length})")
+
+    def first_label_ids(self, words=None):
+        return [self.label_ids[w][0] for w in (words or self.label_words)]
+
+    def prompt_ids(self, text, room=0):
+        """Prompt tokens (no completion); the text is cut so that `room` completion tokens still fit."""
+        head = self.tokenizer(TEXT_PREFIX + text)["input_ids"]
+        budget = self.max_length - len(self.question_ids) - room
+        return head[:budget] + self.question_ids
+
+    def encode(self, text, completion):
+        """input_ids = prompt + completion tokens; labels = IGNORE except on the completion tokens."""
+        comp = self.label_ids[completion]
+        prompt = self.prompt_ids(text, room=len(comp))
+        return {"input_ids": prompt + comp, "labels": [IGNORE] * len(prompt) + comp}
+
+    def encode_rows(self, rows, completion="label", role=0, seed=0):
+        """Encode rows towards their true label ('label') or a seeded generic label ('generic')."""
+        rng = random.Random(seed)
+        out = []
+        for r in rows:
+            word = self.label_words[r["label"]] if completion == "label" else rng.choice(self.generic_labels)
+            item = self.encode(r["text"], word)
+            item["role"] = role
+            out.append(item)
+        return out
+
+
+def _left_pad(seqs, value):
+    width = max(len(s) for s in seqs)
+    return torch.tensor([[value] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+
+
+class LeftPadCollator:
+    """Left-pads input_ids; returns the completion labels right-aligned as `tail_labels` [B, L].
+
+    tail_labels[:, j] is predicted by the logits at position -(L + 1) + j, so a model that returns
+    the last L + 1 positions' logits gives exactly what the loss needs (logits[:, :-1]).
+    Extra numeric fields of the items (role, reference values) are stacked as tensors.
+    """
+
+    def __init__(self, pad_id):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        ids = [it["input_ids"] for it in items]
+        batch = {"input_ids": _left_pad(ids, self.pad_id),
+                 "attention_mask": _left_pad([[1] * len(s) for s in ids], 0)}
+        if "labels" in items[0]:
+            tails = []
+            for it in items:
+                lab = it["labels"]
+                n = next(i for i, t in enumerate(lab) if t != IGNORE)
+                tails.append(lab[n:])
+            batch["tail_labels"] = _left_pad(tails, IGNORE)
+        for k in items[0]:
+            if k not in ("input_ids", "labels", "text"):
+                batch[k] = torch.tensor([it[k] for it in items])
+        return batch
+
+
+def position_ids_from_mask(mask):
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
