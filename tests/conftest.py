@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random models built from a config (fast), the real SST-2 split, and a helper
+that runs the pipeline scripts as a user would. Nothing here touches the Hugging Face hub."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from utils.data import default_data_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sst2_dir():
+    d = default_data_dir()
+    assert d is not None, "../shared/data/sst2 is missing beside the checkout"
+    return d
+
+
+@pytest.fixture(scope="session")
+def smol_path():
+    """The embedded SmolLM2-135M-Instruct, converted once to safetensors."""
+    from utils.modeling import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol_path):
+    from utils.modeling import load_tokenizer
+
+    return load_tokenizer(smol_path)
+
+
+def _save_tiny(path, model_type, tokenizer, seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    if model_type == "llama":
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **ids)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=512, word_embed_proj_dim=64, **ids)
+        model = OPTForCausalLM(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer):
+    """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer, saved to a folder."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama"), "llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory, tokenizer):
+    return _save_tiny(tmp_path_factory.mktemp("tiny_opt"), "opt", tokenizer)
+
+
+def write_split_dir(path, splits):
+    """Write {split: [(text, label), ...]} as CSV files in `path`."""
+    import csv
+
+    os.makedirs(path, exist_ok=True)
+    for split, rows in splits.items():
+        with open(os.path.join(path, f"{split}.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label", "label_text"])
+            for text, label in rows:
+                w.writerow([text, label, ["negative", "positive"][label]])
+    return str(path)
+
+
+def run_script(script, *args, check=True, timeout=900):
+    """Run a top-level script as a user would; return the CompletedProcess (stdout+stderr captured)."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_qlora(tmp_path_factory, tiny_llama, sst2_dir):
+    """A finished qlora.py folder on the tiny Llama (full precision, a few steps): input to later stages."""
+    out = tmp_path_factory.mktemp("runs") / "qlora"
+    run_script("qlora.py", "--model_name", tiny_llama, "--data_dir", sst2_dir, "--max_retain", 48, "--max_forget", 16,
+               "--num_epochs", 1, "--train_batch_size", 16, "--max_length", 64, "--quantization", "none",
+               "--output_path", out, "--quiet")
+    return str(out)
