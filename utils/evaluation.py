@@ -1,0 +1,64 @@
+"""The paper's evaluation protocol: the top token over the whole vocabulary at the position that
+predicts the label, compared with the true label's first token. Plus metrics beyond the paper.
+
+Scoring needs one position per example: prompts are left-padded and the model returns the last
+position's logits only (keep=1), in length-sorted batches. No full-sequence logits are formed.
+"""
+import numpy as np
+import torch
+from sklearn.metrics import f1_score, roc_auc_score
+from tqdm.auto import tqdm
+
+from .prompts import LeftPadCollator
+
+
+@torch.no_grad()
+def predict_rows(model, encoder, rows, batch_size=32, device="cpu", desc="scoring", quiet=False):
+    """Score rows with `model(input_ids, attention_mask, keep=1)` (a TailLM or SoftPromptLM).
+
+    Returns {"pred": top token id [N], "true_logp": log p(true label's first token) [N],
+    "label_logits": logits of the label words' first tokens [N, n_labels]}, in the rows' order.
+    """
+    model.eval()
+    prompts = [encoder.prompt_ids(r["text"]) for r in rows]
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    collate = LeftPadCollator(encoder.tokenizer.pad_token_id)
+    label_first = torch.tensor(encoder.first_label_ids(), device=device)
+    true = torch.tensor([encoder.label_ids[encoder.label_words[r["label"]]][0] for r in rows], device=device)
+    pred = torch.empty(len(rows), dtype=torch.long, device=device)
+    true_logp = torch.empty(len(rows), device=device)
+    label_logits = torch.empty(len(rows), len(label_first), device=device)
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=quiet):
+        idx = torch.as_tensor(order[start:start + batch_size], device=device)
+        batch = collate([{"input_ids": prompts[i]} for i in idx.tolist()])
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), keep=1)[:, -1].float()
+        pred[idx] = logits.argmax(-1)
+        true_logp[idx] = torch.log_softmax(logits, -1).gather(-1, true[idx, None]).squeeze(-1)
+        label_logits[idx] = logits[:, label_first]
+    return {"pred": pred.cpu(), "true_logp": true_logp.cpu(), "label_logits": label_logits.cpu()}
+
+
+def classification_metrics(scores, rows, encoder):
+    """Accuracy and weighted F1 by the paper's protocol, plus label-restricted accuracy and the
+    rate of generic answers. Fractions in [0, 1]."""
+    label_first = encoder.first_label_ids()
+    y_true = np.array([label_first[r["label"]] for r in rows])
+    y_pred = scores["pred"].numpy()
+    generic = set(encoder.first_label_ids(encoder.generic_labels))
+    labels = np.array([r["label"] for r in rows])
+    return {
+        "accuracy": float((y_pred == y_true).mean()),
+        "f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "label_accuracy": float((scores["label_logits"].argmax(-1).numpy() == labels).mean()),
+        "generic_rate": float(np.isin(y_pred, list(generic)).mean()),
+        "mean_true_nll": float(-scores["true_logp"].mean()),
+        "n": len(rows),
+    }
+
+
+def mia_auc(member_logp, nonmember_logp):
+    """Loss-based membership inference: AUC of telling members (train_forget) from non-members
+    (test_forget) by the log-likelihood of the true label. 0.5 means indistinguishable."""
+    y = np.r_[np.ones(len(member_logp)), np.zeros(len(nonmember_logp))]
+    s = np.r_[np.asarray(member_logp), np.asarray(nonmember_logp)]
+    return float(roc_auc_score(y, s))
