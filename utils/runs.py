@@ -5,13 +5,18 @@ import shutil
 import sys
 import time
 
-from .cli import UserError
+from .cli import UserError, local_rank_zero
 
 DONE = "arguments.json"  # written last-updated with "finished": true
 
 
 def prepare_output_dir(path, overwrite=False):
-    """Create `path`; refuse to touch a finished run unless --overwrite."""
+    """Create `path`; refuse to touch a finished run unless --overwrite.
+
+    In a multi-process run (torchrun) only the first process checks, deletes and creates: the
+    others write nothing, so they cannot race it."""
+    if not local_rank_zero():
+        return path
     args_file = os.path.join(path, DONE)
     if os.path.exists(args_file):
         with open(args_file) as f:
@@ -25,11 +30,14 @@ def prepare_output_dir(path, overwrite=False):
 
 
 def save_arguments(path, args, finished=False, **extra):
+    """Write arguments.json (only in the first process of a multi-process run)."""
     info = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     info.update(extra)
     info["finished"] = finished
     info["command"] = " ".join(sys.argv)
     info["saved_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    if not local_rank_zero():
+        return info
     with open(os.path.join(path, DONE), "w") as f:
         json.dump(info, f, indent=2, default=str)
     return info

@@ -116,7 +116,12 @@ class TailLossTrainer(Trainer):
 
     def log(self, logs, *a, **kw):
         if self._count and "loss" in logs:
-            logs.update({k: round(float(v) / self._count, 6) for k, v in self._sums.items()})
+            if self._sums:
+                names = sorted(self._sums)
+                means = torch.stack([self._sums[k] for k in names]) / self._count
+                if self.args.world_size > 1:  # every rank logs at the same steps: average the terms over ranks, like the loss
+                    means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+                logs.update({k: round(float(v), 6) for k, v in zip(names, means)})
             self._sums, self._count = {}, 0
         super().log(logs, *a, **kw)
 
@@ -125,6 +130,9 @@ def train(trainer):
     """trainer.train() with the training log kept even when the run stops early."""
     try:
         trainer.train()
+        if trainer.args.world_size > 1:  # one line per process: shows that every rank trained
+            print(f"[rank {trainer.args.process_index}/{trainer.args.world_size}] trained "
+                  f"{trainer.state.global_step} optimiser steps", flush=True)
     finally:
         if trainer.is_world_process_zero():
             from .runs import save_json
