@@ -9,6 +9,7 @@ DATA_DIR=${DATA_DIR:-}                 # local split files instead of the hub da
 OUT=${OUT:-runs}
 LAUNCH=${LAUNCH:-python}              # "accelerate launch" (or torchrun) for several GPUs
 EXTRA=${EXTRA:-}                      # extra flags for every training stage (caps, --max_steps, ...)
+QLORA_EXTRA=${QLORA_EXTRA:-}          # extra flags for qlora.py only (e.g. --quantization=none)
 EVAL_EXTRA=${EVAL_EXTRA:-}            # extra flags for every evaluation (e.g. --max_eval_rows=500)
 QLORA_EPOCHS=${QLORA_EPOCHS:-}        # paper: 10 for SST-2, 2 for Yelp
 SPUL_EPOCHS=${SPUL_EPOCHS:-10}
@@ -26,7 +27,7 @@ qlora() {
   if ! finished "$out"; then
     $LAUNCH qlora.py $(data_flags) --model_name="$MODEL" --max_length="$MAX_LENGTH" --set_pad_id --lr=1e-4 \
       --train_batch_size=32 --num_epochs="$epochs" --weight_decay=0.001 --lora_rank=16 --lora_alpha=64 \
-      --lora_dropout=0.1 --output_path="$out" --overwrite $EXTRA "$@"
+      --lora_dropout=0.1 --output_path="$out" --overwrite $EXTRA $QLORA_EXTRA "$@"
   fi
 }
 

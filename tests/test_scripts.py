@@ -1,0 +1,67 @@
+"""The paper-table recipes: each passes `bash -n` and runs end to end on a tiny model with tiny caps
+(grids shortened through the scripts' own environment overrides)."""
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")))
+CAPS = "--max_retain=12 --max_forget=6 --max_length=64"
+
+
+def test_every_script_parses():
+    assert len(SCRIPTS) >= 6
+    for s in SCRIPTS:
+        subprocess.run(["bash", "-n", s], check=True)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_llama, sst2_dir):
+    out = tmp_path_factory.mktemp("tables")
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MODEL": tiny_llama, "DATA_DIR": sst2_dir, "OUT": str(out),
+            "EXTRA": f"{CAPS} --num_epochs=1 --train_batch_size=6 --quiet", "QLORA_EXTRA": "--quantization=none",
+            "SPUL_EPOCHS": "1", "EVAL_EXTRA": f"{CAPS} --max_eval_rows=6 --quiet --generate=false"}
+
+
+def run(script, env, **extra):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, **extra}, timeout=900)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def methods_in(table_md):
+    with open(table_md) as f:
+        return f.read()
+
+
+def test_table2_runs_end_to_end(env):
+    run("table2.sh", env, DATASETS="sst2")
+    d = os.path.join(env["OUT"], "table2", "sst2")
+    for m in ("vanilla", "qlora", "gradient_ascent", "random_label", "gradient_ascent_kl", "gradient_ascent_descent", "spul"):
+        with open(os.path.join(d, m, "results.json")) as f:
+            assert set(json.load(f)["metrics"]) == {"train_retain", "train_forget", "test_retain", "test_forget"}
+    table = methods_in(os.path.join(d, "table.md"))
+    assert "spul" in table and "gradient_ascent_descent" in table
+
+
+def test_grid_scripts_reuse_the_table2_model(env):
+    test_table2_runs_end_to_end(env) if not os.path.exists(os.path.join(env["OUT"], "table2", "sst2", "qlora")) else None
+    run("table3.sh", env, ALPHAS="1.0", BETAS="0.0 0.5")
+    run("table4.sh", env, SIZES="0.5 1.0")
+    run("figure2.sh", env, PS="2 4")
+    for sub in ("table3/sst2/spul-a1.0-b0.5", "table4/sst2/spul-f0.5", "figure2/sst2/spul-p4"):
+        assert os.path.exists(os.path.join(env["OUT"], sub, "results.json")), sub
+    with open(os.path.join(env["OUT"], "table4", "sst2", "spul-f0.5", "arguments.json")) as f:
+        assert json.load(f)["forget_size"] == 0.5
+
+
+def test_table5_runs_end_to_end(env, tiny_llama):
+    run("table5.sh", env, MODELS=tiny_llama)
+    d = os.path.join(env["OUT"], "table5", os.path.basename(tiny_llama))
+    assert os.path.exists(os.path.join(d, "spul", "results.json"))
+    assert os.path.exists(os.path.join(d, "table.md"))
