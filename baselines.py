@@ -1,0 +1,166 @@
+r"""Stage 2 (comparison): the paper's fine-tuning baselines, plus LLMU and NPO, on the merged model.
+
+    python baselines.py --dataset=sst2 --model_checkpoints=runs/qlora-sst2 --max_length=1024 --set_pad_id \
+        --lr=1e-4 --train_batch_size=32 --eval_batch_size=32 --num_epochs=1 --weight_decay=0.001 \
+        --unlearn_method=gradient_ascent
+
+Methods (objectives in utils/methods.py; rows they train on in brackets):
+  gradient_ascent          maximise the cross-entropy of the true label            [forget]
+  random_label             cross-entropy towards a seeded generic label            [forget]
+  gradient_ascent_kl       GA + KL to the original model at the label position     [forget, retain]
+  gradient_ascent_descent  GA + ordinary cross-entropy                             [forget, retain]
+  llmu                     Yao et al.: w_ga·GA + w_rl·generic-label CE + w_kl·KL   [forget, retain]
+  npo                      negative preference optimisation against the original   [forget]
+  npo_rt                   NPO + w·retain cross-entropy                            [forget, retain]
+
+All LLM weights of the merged QLoRA model are trained (the paper's setting); --lora trains a LoRA
+adapter instead (its reference is the model with the adapter switched off). Writes the unlearned
+model (or adapter), the tokenizer, arguments.json and training_log.json (each loss term per
+logging step). 7B models on one 40 GB GPU: see docs/baselines.md.
+"""
+import argparse
+import copy
+import os
+
+from utils.cli import (UserError, add_data_args, add_model_args, add_training_args, check_training_args,
+                       positive_int, run_main, set_seed)
+from utils.methods import BASELINES, METHODS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_checkpoints", required=True, help="the folder qlora.py wrote")
+    p.add_argument("--unlearn_method", required=True, metavar="METHOD", help="one of: " + ", ".join(BASELINES))
+    add_data_args(p)
+    add_model_args(p)
+    add_training_args(p, lr=1e-4, epochs=1, warmup=0.05)
+    g = p.add_argument_group("unlearning")
+    g.add_argument("--optim", default="adamw_torch",
+                   help="transformers optimiser name, e.g. paged_adamw_8bit or adafactor for 7B models on 40 GB (docs/baselines.md)")
+    g.add_argument("--generic_labels", default="neutral,unknown", help="labels for random_label and LLMU's mismatch term")
+    g.add_argument("--kl_reference", choices=["cache", "online"], default="cache",
+                   help="cache: the original model's top-k label distribution and completion log-prob, computed once "
+                        "before training; online: a frozen copy of the model (or the adapter switched off) every step")
+    g.add_argument("--kl_topk", type=positive_int, default=32, help="k of the compact KL cache")
+    g = p.add_argument_group("LoRA instead of full fine-tuning")
+    g.add_argument("--lora", action="store_true", help="train a LoRA adapter on the merged model instead of all its weights")
+    g.add_argument("--lora_rank", type=positive_int, default=16)
+    g.add_argument("--lora_alpha", type=positive_int, default=64)
+    g.add_argument("--lora_dropout", type=float, default=0.1)
+    g.add_argument("--target_modules", default=None, help="comma-separated module names (default: the attention q/v projections)")
+    g = p.add_argument_group("LLMU weights")
+    g.add_argument("--llmu_ga_weight", type=float, default=0.5, help="gradient ascent on forget rows (default 0.5, as Yao et al.)")
+    g.add_argument("--llmu_rl_weight", type=float, default=1.0, help="generic-label cross-entropy on forget rows")
+    g.add_argument("--llmu_kl_weight", type=float, default=1.0, help="KL to the original model on retain rows")
+    g = p.add_argument_group("NPO")
+    g.add_argument("--npo_beta", type=float, default=0.1, help="β of NPO (default 0.1, as Zhang et al.)")
+    g.add_argument("--npo_retain_weight", type=float, default=1.0, help="weight of the retain cross-entropy of npo_rt")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    check_training_args(args)
+    if args.unlearn_method not in BASELINES:
+        raise UserError(f"unknown --unlearn_method '{args.unlearn_method}': choose one of {', '.join(BASELINES)}")
+    if args.npo_beta <= 0:
+        raise UserError(f"--npo_beta must be positive, got {args.npo_beta}")
+    if not os.path.isdir(args.model_checkpoints):
+        raise UserError(f"--model_checkpoints {args.model_checkpoints} does not exist (give the folder qlora.py wrote)")
+
+
+def method_weights(args):
+    """The objective's keyword weights from the method's flags."""
+    if args.unlearn_method == "llmu":
+        return {"ga_weight": args.llmu_ga_weight, "rl_weight": args.llmu_rl_weight, "kl_weight": args.llmu_kl_weight}
+    if args.unlearn_method in ("npo", "npo_rt"):
+        return {"npo_beta": args.npo_beta, "retain_weight": args.npo_retain_weight}
+    return {}
+
+
+def default_output(args):
+    parent = os.path.dirname(os.path.normpath(args.model_checkpoints)) or "."
+    return os.path.join(parent, f"baseline-{args.unlearn_method}{'-lora' if args.lora else ''}-lr{args.lr:g}-f{args.forget_size}")
+
+
+def add_lora(lm, args):
+    from peft import LoraConfig, get_peft_model
+
+    from utils.lora import default_target_modules
+
+    targets = args.target_modules.split(",") if args.target_modules else default_target_modules(lm)
+    missing = [t for t in targets if not any(n.endswith("." + t) for n, _ in lm.named_modules())]
+    if missing:
+        raise UserError(f"the model has no module named {', '.join(missing)} (for --target_modules)")
+    return get_peft_model(lm, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                         bias="none", target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # also the reference-cache pass
+    from utils.data import training_splits
+    from utils.methods import build_training_rows
+    from utils.modeling import count_trainable, device, load_merged_model, load_tokenizer, resolve_dtype
+    from utils.prompts import LeftPadCollator, PromptEncoder
+    from utils.reference import fill_reference_cache, make_reference
+    from utils.runs import prepare_output_dir, save_arguments
+    from utils.training import TailLM, TailLossTrainer, enable_gradient_checkpointing, train, training_arguments
+
+    set_seed(args.seed)
+    method = METHODS[args.unlearn_method]
+    out = args.output_path or default_output(args)
+
+    # data (checked before any model is loaded)
+    data = training_splits(args)
+    tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
+    encoder = PromptEncoder(tokenizer, args.max_length, generic_labels=args.generic_labels.split(","))
+    rows = build_training_rows(encoder, data, args.unlearn_method, args.seed)
+    try:
+        targs = training_arguments(args, out, optim=args.optim)
+    except (ValueError, ImportError) as e:  # unknown --optim, bitsandbytes missing, ...
+        raise UserError(f"bad training arguments: {str(e).splitlines()[0][:300]}")
+    prepare_output_dir(out, args.overwrite)
+    save_arguments(out, args, stage="baseline", output_path=out)
+
+    # model: the merged QLoRA model, all weights trainable (or a LoRA adapter on it)
+    lm, qlora_info = load_merged_model(args.model_checkpoints, dtype=resolve_dtype(args.precision))
+    reference_lm = None
+    if args.lora:
+        lm = add_lora(lm, args)
+    else:
+        lm.requires_grad_(True)  # PEFT froze the base weights when it loaded the QLoRA adapter
+        if method.needs_reference and args.kl_reference == "online":
+            reference_lm = copy.deepcopy(lm).requires_grad_(False).eval()  # the original model, kept frozen
+    enable_gradient_checkpointing(args, lm)
+    model = TailLM(lm, reference_lm)
+    n_trainable = count_trainable(model)
+    print(f"{args.unlearn_method}: {n_trainable:,} trainable parameters ({'LoRA adapter' if args.lora else 'all LLM weights'}), "
+          f"{len(rows)} training rows")
+
+    collator = LeftPadCollator(tokenizer.pad_token_id)
+    if method.needs_reference and args.kl_reference == "cache":
+        # Before the first step the model is the reference (for --lora: the adapter is switched off).
+        model.to(device())
+        fill_reference_cache(model, rows, collator, k=args.kl_topk, batch_size=args.eval_batch_size, device=device())
+
+    trainer = TailLossTrainer(
+        model=model, args=targs, train_dataset=rows, data_collator=collator, objective=method.objective,
+        reference=make_reference(args.kl_reference) if method.needs_reference else None, weights=method_weights(args))
+    train(trainer)  # a NaN/inf loss raises NonFiniteLoss; the training log is written either way
+
+    if trainer.is_world_process_zero():
+        lm.config.use_cache = True  # gradient checkpointing switched it off
+        lm.save_pretrained(out)  # the full unlearned model, or the LoRA adapter alone with --lora
+        tokenizer.save_pretrained(out)
+        save_arguments(out, args, finished=True, stage="baseline", output_path=out, model_name=qlora_info["model_name"],
+                       trainable_parameters=n_trainable, n_train_rows=len(rows),
+                       n_train_forget=len(data["train_forget"]), n_train_retain=len(data["train_retain"]),
+                       train_runtime_s=trainer.state.log_history[-1].get("train_runtime"))
+        print(f"saved the unlearned {'adapter' if args.lora else 'model'} to {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
