@@ -62,3 +62,67 @@ def mia_auc(member_logp, nonmember_logp):
     y = np.r_[np.ones(len(member_logp)), np.zeros(len(nonmember_logp))]
     s = np.r_[np.asarray(member_logp), np.asarray(nonmember_logp)]
     return float(roc_auc_score(y, s))
+
+
+# ---------------------------------------------------------------- the paper's generation protocol
+
+GENERATION_PROTOCOL = ("generation: greedy decoding of up to {n} new tokens, the first label word found in the "
+                       "answer is the prediction (the paper's protocol for the pre-trained 'vanilla' rows)")
+
+
+@torch.no_grad()
+def generate_rows(model, encoder, rows, max_new_tokens=5, batch_size=32, device="cpu", desc="generating", quiet=False):
+    """Greedy answers (decoded new tokens) to each row's prompt, in the rows' order.
+
+    Decodes through the same `model(input_ids, attention_mask, keep=1)` interface as scoring, so a
+    pre-trained model, a prompt-tuned model and ECO are decoded alike. Left padding keeps every row's
+    newest token at the last position; no KV cache (a handful of forwards per batch for 5 tokens).
+    """
+    model.eval()
+    tok = encoder.tokenizer
+    prompts = [encoder.prompt_ids(r["text"]) for r in rows]
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    collate = LeftPadCollator(tok.pad_token_id)
+    eos = tok.eos_token_id
+    out = [None] * len(rows)
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=quiet):
+        idx = order[start:start + batch_size].tolist()
+        batch = collate([{"input_ids": prompts[i]} for i in idx])
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        new = []
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            nxt = model(ids, mask, keep=1)[:, -1].argmax(-1)
+            new.append(nxt)
+            if eos is not None:
+                done |= nxt == eos
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, mask.new_ones(len(idx), 1)], 1)
+            if done.all():
+                break
+        new = torch.stack(new, 1).tolist()
+        for j, i in enumerate(idx):
+            seq = new[j][: new[j].index(eos)] if eos in new[j] else new[j]
+            out[i] = tok.decode(seq, skip_special_tokens=True)
+    return out
+
+
+def match_label(answer, words):
+    """Index of the word of `words` that occurs first in `answer` (case-insensitive); -1 when none does."""
+    a = answer.lower()
+    hits = [(a.find(w.lower()), i) for i, w in enumerate(words) if w.lower() in a]
+    return min(hits)[1] if hits else -1
+
+
+def generation_metrics(answers, rows, encoder):
+    """Accuracy and weighted F1 of label words matched in generated answers (no match counts as wrong)."""
+    y_true = np.array([r["label"] for r in rows])
+    y_pred = np.array([match_label(a, encoder.label_words) for a in answers])
+    generic = np.array([match_label(a, encoder.generic_labels) >= 0 for a in answers])
+    return {
+        "accuracy": float((y_pred == y_true).mean()),
+        "f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "matched_rate": float((y_pred >= 0).mean()),
+        "generic_rate": float((generic & (y_pred < 0)).mean()),
+        "n": len(rows),
+    }

@@ -1,0 +1,177 @@
+"""Evaluate a checkpoint of any stage on the four unlearning splits, by the paper's protocol.
+
+    python inference_spul.py --dataset=sst2 --model_checkpoints=runs/spul-p30-a0.5-b0.5-f1.0 --forget_size=1.0
+    python inference_spul.py --model_checkpoints=smollm2-135m --data_dir=../shared/data/sst2 --max_eval_rows=200
+
+--model_checkpoints is a pre-trained model (hub id, model folder or smollm2-135m) or a folder written
+by qlora.py, spul.py, baselines.py or eco.py; earlier stages are found through its arguments.json.
+Metrics per split: accuracy and weighted F1 of the top token over the whole vocabulary at the position
+that predicts the label (the paper's protocol), accuracy restricted to the label words, the rate of
+generic answers, and a loss-based membership-inference AUC (train_forget vs test_forget; 0.5 is ideal
+after unlearning). --generate adds the paper's protocol for the pre-trained model (greedy, up to 5 new
+tokens, label word matched); it is on by default for a pre-trained model only.
+
+Writes results.json into the checkpoint folder (under runs/ for a pre-trained model) or --output_path,
+and prints the table in the paper's layout. Data settings the stage trained with (--dataset, --data_dir,
+--forget_size, --max_length) are reused unless given.
+"""
+import argparse
+import os
+import sys
+import time
+
+from utils.cli import UserError, add_data_args, positive_int, run_main, set_seed, str2bool
+
+SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_checkpoints", required=True,
+                   help="a stage folder (qlora/spul/baselines/eco) or a pre-trained model (hub id, folder, smollm2-135m)")
+    add_data_args(p)
+    # None = take the value the stage trained with (arguments.json), else the usual default
+    p.set_defaults(dataset=None, forget_size=None, max_length=None)
+    for a in p._actions:  # training-only caps of the shared data group: not used here
+        if a.dest in ("max_retain", "max_forget"):
+            a.help = argparse.SUPPRESS
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to evaluate (default: all four)")
+    g.add_argument("--eval_batch_size", type=positive_int, default=32, help="rows per forward pass (default 32)")
+    g.add_argument("--generate", type=str2bool, nargs="?", const=True, default=None,
+                   help="also score by greedy generation, the paper's protocol for the pre-trained model "
+                        "(default: on for a pre-trained model, off otherwise)")
+    g.add_argument("--max_new_tokens", type=positive_int, default=5, help="tokens generated per answer with --generate (default 5)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA if supported, else fp32")
+    g.add_argument("--output_path", default=None,
+                   help="results file (*.json) or folder for results.json (default: the checkpoint folder; runs/ for a pre-trained model)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the --max_eval_rows draw")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    args.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    bad = [s for s in args.splits if s not in SPLITS]
+    if bad or not args.splits:
+        raise UserError(f"unknown split {', '.join(bad) or '(none)'} in --splits: choose from {', '.join(SPLITS)}")
+    return args
+
+
+def resolve_data_settings(args, trained):
+    """Fill the data flags the user left out with the stage's own (its arguments.json), else defaults."""
+    args.dataset = args.dataset or trained.get("dataset") or "sst2"
+    if args.data_dir is None and trained.get("data_dir") and trained.get("dataset", args.dataset) == args.dataset \
+            and os.path.isdir(trained["data_dir"]):
+        args.data_dir = trained["data_dir"]
+    args.forget_size = args.forget_size or trained.get("forget_size") or 1.0
+    args.max_length = args.max_length or trained.get("max_length") or 1024
+    return args
+
+
+def load_eval_splits(args):
+    """The evaluation rows: train_forget is the subset the unlearning used (--forget_size, seed 42);
+    --max_eval_rows draws a seeded subset of every split."""
+    from utils.data import forget_subset, load_splits, sample_rows
+
+    data = load_splits(args.dataset, args.data_dir, args.splits)
+    if "train_forget" in data:
+        data["train_forget"] = forget_subset(data["train_forget"], args.forget_size)
+    return {s: sample_rows(rows, args.max_eval_rows, args.seed) for s, rows in data.items()}
+
+
+def default_output(args, info):
+    from utils.runs import short_name
+
+    if args.output_path:
+        return args.output_path if args.output_path.endswith(".json") else os.path.join(args.output_path, "results.json")
+    if info["checkpoint"]:
+        return os.path.join(info["checkpoint"], "results.json")
+    tag = f"-f{args.forget_size}" if args.forget_size != 1.0 else ""
+    return os.path.join("runs", f"vanilla-{args.dataset}-{short_name(info['model'])}{tag}", "results.json")
+
+
+def format_table(res):
+    """The paper's layout: ACC and F1 per split, in percent; extra rows for our metrics beyond the paper."""
+    splits = list(res["metrics"])
+    head = f"{'':<24}" + "".join(f"{s:>16}" for s in splits)
+    sub = f"{'':<24}" + "".join(f"{'ACC':>8}{'F1':>8}" for _ in splits)
+
+    def row(name, block, keys=("accuracy", "f1")):
+        cells = ""
+        for s in splits:
+            vals = [block[s].get(k) if k else None for k in keys]
+            cells += "".join(f"{100 * v:>8.2f}" if v is not None else f"{'':>8}" for v in vals)
+        return f"{name:<24}{cells}"
+
+    lines = [f"{res['method']} | {res['model']} | {res['dataset']} | forget_size {res['forget_size']} | "
+             f"n = {', '.join(str(res['metrics'][s]['n']) for s in splits)}", head, sub,
+             row("top token (paper)", res["metrics"])]
+    if res.get("generation"):
+        lines.append(row("generation (paper, vanilla)", res["generation"]))
+    lines.append(row("label words only", res["metrics"], ("label_accuracy", None)))
+    lines.append(row("generic answers %", res["metrics"], ("generic_rate", None)))
+    if res.get("mia_auc") is not None:
+        lines.append(f"MIA AUC (train_forget members vs test_forget): {res['mia_auc']:.4f}  (0.5 = indistinguishable)")
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    from utils.evaluation import (GENERATION_PROTOCOL, classification_metrics, generate_rows, generation_metrics,
+                                  mia_auc, predict_rows)
+    from utils.modeling import device, resolve_dtype
+    from utils.prompts import PromptEncoder
+    from utils.runs import save_json
+    from utils.stages import load_stage, stage_arguments
+
+    set_seed(args.seed)
+    # data first (settings the stage trained with): mistakes cost seconds, not a model load
+    trained = stage_arguments(args.model_checkpoints)
+    resolve_data_settings(args, trained)
+    data = load_eval_splits(args)
+
+    # model: whatever stage wrote the folder
+    t0 = time.time()
+    dtype = resolve_dtype(args.precision)
+    model, tokenizer, info = load_stage(args.model_checkpoints, dtype)
+    dev = device()
+    model.to(dev)
+    encoder = PromptEncoder(tokenizer, args.max_length, **info["encoder_kwargs"])
+    load_s = time.time() - t0
+    generate = args.generate if args.generate is not None else info["method"] == "vanilla"
+
+    # evaluate: one tail-only forward per row (plus greedy decoding when asked)
+    t0 = time.time()
+    metrics, generation, true_logp = {}, {}, {}
+    for split, rows in data.items():
+        scores = predict_rows(model, encoder, rows, args.eval_batch_size, dev, desc=split, quiet=args.quiet)
+        metrics[split] = classification_metrics(scores, rows, encoder)
+        true_logp[split] = scores["true_logp"].numpy()
+        if generate:
+            answers = generate_rows(model, encoder, rows, args.max_new_tokens, args.eval_batch_size, dev,
+                                    desc=f"{split} (generate)", quiet=args.quiet)
+            generation[split] = generation_metrics(answers, rows, encoder)
+    mia = mia_auc(true_logp["train_forget"], true_logp["test_forget"]) if {"train_forget", "test_forget"} <= set(data) else None
+    seconds = time.time() - t0
+
+    # save: results.json only; the checkpoint itself is never written to
+    res = {
+        "method": info["method"], "model": info["model"], "dataset": args.dataset, "forget_size": args.forget_size,
+        "metrics": metrics, "mia_auc": mia,
+        "protocol": {"metrics": "top token over the whole vocabulary at the label-prediction position vs the true "
+                                "label's first token (the paper's protocol)",
+                     "generation": GENERATION_PROTOCOL.format(n=args.max_new_tokens) if generate else None},
+        "seconds": round(seconds, 2), "load_seconds": round(load_s, 2),
+        "stage": info["stage"], "checkpoint": info["checkpoint"], "data_dir": args.data_dir,
+        "max_eval_rows": args.max_eval_rows, "max_length": args.max_length, "seed": args.seed,
+        "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "command": " ".join(sys.argv),
+    }
+    if generate:
+        res["generation"] = generation
+    out = default_output(args, info)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    save_json(out, res)
+    print(format_table(res))
+    print(f"evaluated in {seconds:.1f} s (model loaded in {load_s:.1f} s); wrote {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,176 @@
+"""Load whatever a pipeline stage wrote, following the `arguments.json` chain back to the base model.
+
+    pre-trained model (hub id, model folder, smollm2-135m)  -> TailLM(lm)                method "vanilla"
+    qlora.py folder                                         -> TailLM(base + merged LoRA) "qlora" / "retrained"
+    spul.py folder      -> merged qlora model + the P-tuning adapter, as SoftPromptLM   "spul"
+    baselines.py folder -> the saved unlearned model, or (lora: true) the merged qlora model + its LoRA adapter
+    eco.py folder       -> utils.eco.load_eco_model                                      "eco"
+
+Every returned model has the `model(input_ids, attention_mask, keep=K)` interface of utils.training.TailLM.
+A broken chain (missing folder, unfinished run, adapter of another base model) is a one-line UserError.
+"""
+import os
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .cli import UserError
+from .modeling import EMBEDDED, EMBEDDED_ALIASES, check_adapter_base, load_merged_model, load_model, load_tokenizer, read_arguments
+
+
+class Stage(NamedTuple):
+    model: nn.Module  # model(input_ids, attention_mask, keep=K) -> logits of the last K positions
+    tokenizer: object
+    info: dict  # method, model (base model name), stage, checkpoint, arguments, encoder_kwargs
+
+
+def _looks_like_path(name):
+    """A name that can only mean a local folder (a hub id is 'owner/name' with no leading ./ or /)."""
+    name = str(name)
+    first = name.replace("\\", "/").split("/")[0]
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or ("/" in name and os.path.isdir(first)))
+
+
+def _read_finished(folder, expected=None):
+    info = read_arguments(folder)  # UserError when the folder or its arguments.json is missing
+    if expected and info.get("stage") not in expected:
+        raise UserError(f"{folder} was written by {info.get('stage') or 'an unknown stage'}, "
+                        f"expected a {' or '.join(expected)} folder")
+    if not info.get("finished", False):
+        raise UserError(f"the run in {folder} did not finish (arguments.json has finished: false); re-run its stage")
+    return info
+
+
+def _qlora_parent(folder, info):
+    """The qlora.py folder a later stage started from (its `model_checkpoints`), checked to be finished."""
+    parent = info.get("model_checkpoints")
+    if not parent:
+        raise UserError(f"{folder}/arguments.json does not name the qlora folder it started from (model_checkpoints)")
+    if not os.path.isdir(parent) and not os.path.isabs(parent):
+        # a relative path written from another working directory: try it beside the stage folder
+        beside = os.path.join(os.path.dirname(os.path.normpath(folder)), os.path.basename(os.path.normpath(parent)))
+        parent = beside if os.path.isdir(beside) else parent
+    if not os.path.isdir(parent):
+        raise UserError(f"the qlora folder {parent} that {folder} was trained from does not exist")
+    return parent, _read_finished(parent, ("qlora",))
+
+
+def _tokenizer(folders, set_pad_id=False):
+    """The tokenizer saved in the first of `folders` that has one (stages save it beside their adapter)."""
+    for f in folders:
+        if f and os.path.isdir(f) and os.path.exists(os.path.join(f, "tokenizer_config.json")):
+            return load_tokenizer(f, set_pad_id)
+    return load_tokenizer(folders[-1], set_pad_id)
+
+
+def _merged_qlora(qlora_dir, dtype):
+    lm, _ = load_merged_model(qlora_dir, dtype=dtype)
+    return lm
+
+
+def _with_adapter(lm, folder, base_name, what):
+    from peft import PeftModel
+
+    check_adapter_base(folder, base_name)
+    try:
+        return PeftModel.from_pretrained(lm, folder)
+    except (RuntimeError, ValueError, KeyError) as e:  # shape or key mismatch: another architecture
+        raise UserError(f"the {what} adapter in {folder} does not fit {base_name}: {str(e).splitlines()[0][:200]}")
+
+
+def load_stage(path_or_name, dtype=torch.float32):
+    """Load the model a stage wrote (or a pre-trained model). Returns Stage(model, tokenizer, info)."""
+    from .training import TailLM
+
+    name = str(path_or_name)
+    embedded = EMBEDDED_ALIASES.get(name.lower(), name.lower()) in EMBEDDED
+    if not embedded and not os.path.isdir(name) and _looks_like_path(name):
+        raise UserError(f"checkpoint folder {name} does not exist")
+
+    # a pre-trained model: hub id, embedded name, or a model folder that no stage of ours wrote
+    if embedded or not os.path.isdir(name) or not os.path.exists(os.path.join(name, "arguments.json")):
+        if os.path.isdir(name) and os.path.exists(os.path.join(name, "adapter_config.json")):
+            raise UserError(f"{name} holds an adapter but no arguments.json: cannot tell which model it belongs to")
+        try:
+            tok = load_tokenizer(name)
+        except UserError as e:
+            if embedded or os.path.isdir(name):
+                raise
+            raise UserError(f"checkpoint folder {name} does not exist, and no hub model of that name could be loaded "
+                            f"({str(e).split(': ', 1)[-1][:160]})")
+        lm = load_model(name, dtype=dtype)
+        info = {"method": "vanilla", "stage": "pretrained", "model": name, "checkpoint": None, "arguments": {}}
+        return Stage(TailLM(lm), tok, _finish(info))
+
+    info = _read_finished(name)
+    stage = info.get("stage")
+    set_pad = bool(info.get("set_pad_id", False))
+    if stage == "qlora":
+        lm = _merged_qlora(name, dtype)
+        method = "retrained" if info.get("train_on") == "retain" else "qlora"
+        out = {"method": method, "model": info["model_name"]}
+        return Stage(TailLM(lm), _tokenizer([name, info["model_name"]], set_pad), _finish(out, stage, name, info))
+
+    if stage == "spul":
+        from .modeling import SoftPromptLM
+
+        parent, qinfo = _qlora_parent(name, info)
+        base = qinfo["model_name"]
+        peft_model = _with_adapter(_merged_qlora(parent, dtype), name, base, "prompt")
+        peft_model.eval()
+        model = SoftPromptLM(peft_model)
+        out = {"method": "spul", "model": base, "qlora_checkpoint": parent,
+               "encoder_kwargs": {"generic_labels": _generic(info)}}
+        return Stage(model, _tokenizer([name, parent, base], set_pad), _finish(out, stage, name, info))
+
+    if stage == "baseline":
+        parent, qinfo = _qlora_parent(name, info)
+        base = qinfo["model_name"]
+        if info.get("lora"):
+            lm = _with_adapter(_merged_qlora(parent, dtype), name, base, "LoRA").merge_and_unload()
+        else:
+            if not os.path.exists(os.path.join(name, "config.json")):
+                raise UserError(f"{name} has no saved model (config.json missing): the run did not finish")
+            lm = load_model(name, dtype=dtype)
+        method = info.get("unlearn_method") or info.get("method")
+        if not method:
+            raise UserError(f"{name}/arguments.json does not say which unlearning method it ran (unlearn_method)")
+        out = {"method": method, "model": base, "qlora_checkpoint": parent}
+        return Stage(TailLM(lm), _tokenizer([name, parent, base], set_pad), _finish(out, stage, name, info))
+
+    if stage == "eco":
+        from .eco import load_eco_model  # written by the ECO stage; imported only when needed
+
+        parent, qinfo = _qlora_parent(name, info)
+        model, eco_info = load_eco_model(name, dtype)
+        out = {"method": "eco", "model": qinfo["model_name"], "qlora_checkpoint": parent, "eco": eco_info}
+        return Stage(model, _tokenizer([name, parent, qinfo["model_name"]], set_pad), _finish(out, stage, name, info))
+
+    raise UserError(f"{name} was written by an unknown stage '{stage}' (expected qlora, spul, baseline or eco)")
+
+
+def _generic(info):
+    g = info.get("generic_labels")
+    if isinstance(g, str):
+        return [w for w in g.split(",") if w]
+    return list(g) if g else None
+
+
+def _finish(out, stage="pretrained", folder=None, arguments=None):
+    out.setdefault("stage", stage)
+    out.setdefault("checkpoint", folder)
+    out.setdefault("arguments", arguments or {})
+    out.setdefault("encoder_kwargs", {})
+    out["encoder_kwargs"] = {k: v for k, v in out["encoder_kwargs"].items() if v}
+    return out
+
+
+def stage_arguments(path_or_name):
+    """The arguments.json of a stage folder ({} for a pre-trained model): read before any model is loaded,
+    so that the data settings the stage used are known early."""
+    name = str(path_or_name)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "arguments.json")):
+        return read_arguments(name)
+    return {}
