@@ -32,9 +32,6 @@ def parse_args(argv=None):
     add_data_args(p)
     # None = take the value the stage trained with (arguments.json), else the usual default
     p.set_defaults(dataset=None, forget_size=None, max_length=None)
-    for a in p._actions:  # training-only caps of the shared data group: not used here
-        if a.dest in ("max_retain", "max_forget"):
-            a.help = argparse.SUPPRESS
     g = p.add_argument_group("evaluation")
     g.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to evaluate (default: all four)")
     g.add_argument("--eval_batch_size", type=positive_int, default=32, help="rows per forward pass (default 32)")
@@ -63,17 +60,21 @@ def resolve_data_settings(args, trained):
         args.data_dir = trained["data_dir"]
     args.forget_size = args.forget_size or trained.get("forget_size") or 1.0
     args.max_length = args.max_length or trained.get("max_length") or 1024
+    # the training caps decide which train_* rows the stage saw: train_forget must be exactly the unlearned rows
+    args.max_forget = args.max_forget or trained.get("max_forget")
+    args.max_retain = args.max_retain or trained.get("max_retain")
+    args.train_seed = trained.get("seed", args.seed)
     return args
 
 
 def load_eval_splits(args):
-    """The evaluation rows: train_forget is the subset the unlearning used (--forget_size, seed 42);
-    --max_eval_rows draws a seeded subset of every split."""
-    from utils.data import forget_subset, load_splits, sample_rows
+    """The evaluation rows: train_forget and train_retain are the rows the stage trained on (--forget_size
+    drawn with seed 42, then the --max_forget / --max_retain caps with the training seed, as
+    utils.data.select_training_rows does); --max_eval_rows draws a seeded subset of every split."""
+    from utils.data import load_splits, sample_rows, select_training_rows
 
     data = load_splits(args.dataset, args.data_dir, args.splits)
-    if "train_forget" in data:
-        data["train_forget"] = forget_subset(data["train_forget"], args.forget_size)
+    data = select_training_rows(data, args.forget_size, args.max_forget, args.max_retain, args.train_seed)
     return {s: sample_rows(rows, args.max_eval_rows, args.seed) for s, rows in data.items()}
 
 

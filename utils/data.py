@@ -55,15 +55,24 @@ def _rows_from_frame(df, where, n_labels):
         raise UserError(f"{where} is empty")
     rows = []
     for i, (text, label) in enumerate(zip(df["text"].tolist(), df["label"].tolist())):
-        try:
-            lab = int(label)
-            ok = lab == label and 0 <= lab < n_labels
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
+        lab = _label_value(label)
+        if lab is None or not 0 <= lab < n_labels:
             raise UserError(f"{where} row {i}: label {label!r} is not in the label set 0..{n_labels - 1}")
         rows.append({"text": str(text), "label": lab})
     return rows
+
+
+def _label_value(label):
+    """The integer a label cell holds, or None. A column with one non-numeric cell is read as strings,
+    so the digits '0'/'1' count as labels too (else the error would name the wrong row)."""
+    if isinstance(label, str):
+        s = label.strip()
+        return int(s) if s.lstrip("-").isdigit() else None
+    try:
+        lab = int(label)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return lab if lab == label else None
 
 
 def _hub_frames(dataset, splits):
@@ -122,11 +131,18 @@ def forget_subset(rows, forget_size):
     return sample_rows(rows, n, FORGET_SIZE_SEED)
 
 
+def select_training_rows(data, forget_size=1.0, max_forget=None, max_retain=None, seed=42):
+    """The train_* rows a stage trains on: --forget_size (seed 42), then the seeded caps.
+    Evaluation calls this too, so that train_forget is exactly the set that was unlearned."""
+    data = dict(data)
+    if "train_forget" in data:
+        data["train_forget"] = sample_rows(forget_subset(data["train_forget"], forget_size), max_forget, seed)
+    if "train_retain" in data:
+        data["train_retain"] = sample_rows(data["train_retain"], max_retain, seed)
+    return data
+
+
 def training_splits(args, splits=("train_retain", "train_forget")):
     """Load the training splits with --forget_size, --max_forget and --max_retain applied."""
     data = load_splits(args.dataset, args.data_dir, splits)
-    if "train_forget" in data:
-        data["train_forget"] = sample_rows(forget_subset(data["train_forget"], args.forget_size), args.max_forget, args.seed)
-    if "train_retain" in data:
-        data["train_retain"] = sample_rows(data["train_retain"], args.max_retain, args.seed)
-    return data
+    return select_training_rows(data, args.forget_size, args.max_forget, args.max_retain, args.seed)
