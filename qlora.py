@@ -37,23 +37,23 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     from utils.data import training_splits
     from utils.methods import RETAIN
     from utils.modeling import load_model, load_tokenizer, resolve_dtype
     from utils.lora import default_target_modules
     from utils.prompts import LeftPadCollator, PromptEncoder
     from utils.runs import prepare_output_dir, save_arguments, short_name
-    from utils.training import TailLM, TailLossTrainer, enable_gradient_checkpointing, train, training_arguments
 
     set_seed(args.seed)
     out = args.output_path or os.path.join("runs", f"qlora-{args.dataset}-{short_name(args.model_name)}"
                                                    + ("-retrained" if args.train_on == "retain" else ""))
 
-    # data (validated before any model is loaded: mistakes cost seconds, not minutes)
+    # data (validated before any model is loaded, or peft imported: mistakes cost seconds, not minutes)
     data = training_splits(args)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from utils.training import TailLM, TailLossTrainer, enable_gradient_checkpointing, train, training_arguments
+
     tokenizer = load_tokenizer(args.model_name, args.set_pad_id)
     encoder = PromptEncoder(tokenizer, args.max_length)
     rows = encoder.encode_rows(data["train_retain"], role=RETAIN)

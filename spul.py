@@ -10,7 +10,8 @@ training_log.json (each loss term per logging step).
 import argparse
 import os
 
-from utils.cli import add_data_args, add_model_args, add_training_args, check_training_args, positive_int, run_main, set_seed
+from utils.cli import (UserError, add_data_args, add_model_args, add_training_args, check_training_args, positive_int,
+                       run_main, set_seed)
 
 
 def parse_args(argv=None):
@@ -52,18 +53,22 @@ def main():
     args = parse_args()
     from utils.data import training_splits
     from utils.methods import METHODS, build_training_rows
-    from utils.modeling import count_trainable, device, load_merged_model, load_tokenizer, resolve_dtype
+    from utils.modeling import count_trainable, device, load_merged_model, load_tokenizer, read_arguments, resolve_dtype
     from utils.prompts import LeftPadCollator, PromptEncoder
     from utils.reference import fill_reference_cache, make_reference
     from utils.runs import prepare_output_dir, save_arguments
-    from utils.training import TailLossTrainer, enable_gradient_checkpointing, train, training_arguments
 
     set_seed(args.seed)
     out = args.output_path or os.path.join(os.path.dirname(os.path.normpath(args.model_checkpoints)) or ".",
                                            f"spul-p{args.ptuning_num_tokens}-a{args.alpha}-b{args.beta}-f{args.forget_size}")
 
-    # data
+    # the QLoRA folder and the data, validated before transformers is imported: mistakes cost seconds
+    stage = read_arguments(args.model_checkpoints).get("stage")
+    if stage != "qlora":
+        raise UserError(f"{args.model_checkpoints} was written by {stage}, not by qlora.py: SPUL starts from the qlora.py model")
     data = training_splits(args)
+    from utils.training import TailLossTrainer, enable_gradient_checkpointing, train, training_arguments
+
     tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
     encoder = PromptEncoder(tokenizer, args.max_length, generic_labels=args.generic_labels.split(","))
     rows = build_training_rows(encoder, data, "spul", args.seed)

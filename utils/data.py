@@ -125,7 +125,7 @@ def forget_subset(rows, forget_size):
     """The paper's forget-size ablation: keep floor(τ·|D_f|) rows, drawn with seed 42."""
     if not 0.0 < forget_size <= 1.0:
         raise UserError(f"--forget_size must be in (0, 1], got {forget_size}")
-    n = int(len(rows) * forget_size)
+    n = int(len(rows) * forget_size + 1e-9)  # floor, but 0.29 * 100 keeps 29, not 28 (binary fractions)
     if n == 0:
         raise UserError(f"--forget_size {forget_size} keeps no row of the {len(rows)} forget rows")
     return sample_rows(rows, n, FORGET_SIZE_SEED)
