@@ -10,7 +10,7 @@ training_log.json. Loss on the label tokens only.
 import argparse
 import os
 
-from utils.cli import (UserError, add_data_args, add_model_args, add_training_args, check_training_args,
+from utils.cli import (UserError, add_data_args, add_model_args, add_training_args, check_training_args, comma_list,
                        run_main, set_seed)
 
 
@@ -67,7 +67,7 @@ def main():
     dtype = resolve_dtype(args.precision)
     quant = None if args.quantization == "none" else "nf4"
     lm = load_model(args.model_name, dtype=dtype, quantization=quant)
-    targets = args.target_modules.split(",") if args.target_modules else default_target_modules(lm)
+    targets = comma_list(args.target_modules) if args.target_modules else default_target_modules(lm)
     missing = [t for t in targets if not any(n.endswith("." + t) for n, _ in lm.named_modules())]
     if missing:
         raise UserError(f"the model has no module named {', '.join(missing)} (for --target_modules)")

@@ -10,8 +10,8 @@ training_log.json (each loss term per logging step).
 import argparse
 import os
 
-from utils.cli import (UserError, add_data_args, add_model_args, add_training_args, check_training_args, positive_int,
-                       run_main, set_seed)
+from utils.cli import (UserError, add_data_args, add_model_args, add_training_args, check_training_args, comma_list,
+                       positive_int, run_main, set_seed)
 
 
 def parse_args(argv=None):
@@ -63,6 +63,9 @@ def main():
                                            f"spul-p{args.ptuning_num_tokens}-a{args.alpha}-b{args.beta}-f{args.forget_size}")
 
     # the QLoRA folder and the data, validated before transformers is imported: mistakes cost seconds
+    generic = comma_list(args.generic_labels)
+    if not generic:
+        raise UserError("--generic_labels names no label")
     stage = read_arguments(args.model_checkpoints).get("stage")
     if stage != "qlora":
         raise UserError(f"{args.model_checkpoints} was written by {stage}, not by qlora.py: SPUL starts from the qlora.py model")
@@ -70,7 +73,7 @@ def main():
     from utils.training import TailLossTrainer, enable_gradient_checkpointing, train, training_arguments
 
     tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
-    encoder = PromptEncoder(tokenizer, args.max_length, generic_labels=args.generic_labels.split(","))
+    encoder = PromptEncoder(tokenizer, args.max_length, generic_labels=generic)
     rows = build_training_rows(encoder, data, "spul", args.seed)
     prepare_output_dir(out, args.overwrite)
     save_arguments(out, args, stage="spul", output_path=out)

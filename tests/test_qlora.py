@@ -139,9 +139,10 @@ def test_refuses_to_overwrite_a_finished_run(memorised, tiny_llama, toy_dir):
     assert os.path.getmtime(os.path.join(memorised, "adapter_model.safetensors")) == before
 
 
-def test_nf4_on_cpu_with_train_on_retain_and_the_misspelt_dropout_flag(tmp_path, tiny_llama, toy_dir):
+def test_nf4_on_cpu_with_train_on_retain_and_the_misspelt_dropout_flag(tmp_path, tiny_opt, toy_dir):
+    """On the tiny OPT, so that its default target modules are exercised by the script too."""
     out = tmp_path / "nf4"
-    run_script("qlora.py", "--model_name", tiny_llama, "--data_dir", toy_dir, "--quantization", "nf4",
+    run_script("qlora.py", "--model_name", tiny_opt, "--data_dir", toy_dir, "--quantization", "nf4",
                "--train_on", "retain", "--lora_fropout", "0.05", "--max_length", MAX_LENGTH,
                "--train_batch_size", 8, "--max_steps", 2, "--output_path", out, "--quiet")
     info = _args(out)
@@ -149,6 +150,7 @@ def test_nf4_on_cpu_with_train_on_retain_and_the_misspelt_dropout_flag(tmp_path,
     assert info["train_on"] == "retain"
     assert info["n_train_rows"] == info["n_train_retain"] == 24  # not 24 + 8: train_forget left out
     assert info["lora_dropout"] == 0.05
+    assert info["target_modules_used"] == ["q_proj", "v_proj"]
     with open(out / "adapter_config.json") as f:
         assert json.load(f)["lora_dropout"] == 0.05
     merged, _ = load_merged_model(str(out))  # an NF4-trained adapter folds into the full-precision base
@@ -208,7 +210,16 @@ def test_zero_epochs(tmp_path, toy_dir):
 
 def test_target_module_the_model_lacks(tmp_path, tiny_llama, toy_dir):
     proc = run_script("qlora.py", "--model_name", tiny_llama, "--data_dir", toy_dir, "--quantization", "none",
-                      "--max_length", MAX_LENGTH, "--target_modules", "q_proj,query_key_value",
+                      "--max_length", MAX_LENGTH, "--target_modules", "q_proj, query_key_value",
                       "--output_path", tmp_path / "out", check=False)
     line = _one_line_error(proc)
-    assert "query_key_value" in line and "q_proj" not in line.split("query_key_value")[0].split("named")[-1]
+    assert line.endswith("no module named query_key_value (for --target_modules)"), line  # q_proj exists
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_comma_lists_ignore_spaces():
+    from utils.cli import comma_list
+
+    assert comma_list("q_proj, v_proj") == ["q_proj", "v_proj"]
+    assert comma_list(" neutral,unknown ,") == ["neutral", "unknown"]
+    assert comma_list("") == []

@@ -261,7 +261,7 @@ def test_both_kl_references_run(toy_qlora, toy_spul, toy_dir, tmp_path):
     proc = run_script("spul.py", "--model_checkpoints", toy_qlora, "--data_dir", toy_dir, "--max_length", MAX_LENGTH,
                       "--kl_reference", kind, "--max_retain", 16, "--max_forget", 8, "--train_batch_size", 8,
                       "--max_steps", 3, "--logging_steps", 1, "--ptuning_num_tokens", 4, "--lr", 1e-2,
-                      "--output_path", out, "--quiet")
+                      "--generic_labels", "none, unknown", "--output_path", out, "--quiet")
     assert "saved the prompt adapter" in proc.stdout
     with open(out / "arguments.json") as f:
         assert json.load(f)["kl_reference"] == kind
@@ -282,6 +282,12 @@ def _one_line_error(proc):
 def test_missing_checkpoint_folder(tmp_path, toy_dir):
     proc = run_script("spul.py", "--model_checkpoints", tmp_path / "no-run", "--data_dir", toy_dir, check=False)
     assert "no-run" in _one_line_error(proc)
+
+
+def test_no_generic_labels(toy_qlora, toy_dir, tmp_path):
+    proc = run_script("spul.py", "--model_checkpoints", toy_qlora, "--data_dir", toy_dir, "--generic_labels", " , ",
+                      "--output_path", tmp_path / "out", check=False)
+    assert "--generic_labels" in _one_line_error(proc)
 
 
 def test_checkpoint_folder_of_another_stage(toy_spul, toy_dir):

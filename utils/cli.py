@@ -44,6 +44,11 @@ def fraction(s):
     return v
 
 
+def comma_list(s):
+    """'q_proj, v_proj' -> ['q_proj', 'v_proj']: names from a comma-separated flag, spaces and empties dropped."""
+    return [w.strip() for w in str(s).split(",") if w.strip()]
+
+
 def str2bool(s):
     if isinstance(s, bool):
         return s
