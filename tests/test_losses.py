@@ -233,3 +233,30 @@ def test_spul_weights_and_beta_zero():
     assert close(terms["loss"], FORGET_CE + RETAIN_CE)
     terms = _spul_terms(ref, "online", alpha=0.1, beta=2.0)
     assert close(terms["loss"], FORGET_CE + 0.1 * RETAIN_CE + 2.0 * KL_AT_PREDICTING, 1e-5)
+
+
+def test_online_reference_is_deterministic_and_matches_the_cache_under_dropout(tiny_opt):
+    """OPT has dropout 0.1: in a training step (train mode) the online reference must still be the frozen
+    model's exact distribution, as the cache (filled in eval mode) stores it."""
+    import spul
+    from utils.modeling import load_model
+
+    torch.manual_seed(0)
+    model = spul.build_prompt_model(load_model(tiny_opt), 4, 16)
+    assert model.lm.config.dropout > 0
+    V = model.lm.config.vocab_size
+    items = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE] * 4 + [9], "role": RETAIN},
+             {"input_ids": [5, 6, 10, 11], "labels": [IGNORE] * 2 + [10, 11], "role": RETAIN}]
+    collate = LeftPadCollator(pad_id=1)
+    fill_reference_cache(model, items, collate, k=V, batch_size=2)
+    inputs = collate(items)
+    model.train()
+    sel = torch.tensor([True, True])
+    with torch.no_grad():
+        logits = model(inputs["input_ids"], inputs["attention_mask"], keep=3)[:, :-1]
+    at_label = label_position_logits(logits, inputs["tail_labels"])
+    online = [float(OnlineReference().kl(model, inputs, sel, at_label)) for _ in range(3)]
+    cached = float(CachedReference().kl(model, inputs, sel, at_label))
+    assert model.training  # the reference forward left the mode as it found it
+    assert online[0] == online[1] == online[2]
+    assert close(online[0], cached, 1e-5)

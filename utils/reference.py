@@ -12,15 +12,23 @@ from .losses import kl_full, kl_topk, label_position_logits, sequence_logprob
 
 
 class OnlineReference:
-    """Reference logits from `model(..., reference=True)` in every step, under no_grad. Exact."""
+    """Reference logits from `model(..., reference=True)` in every step, under no_grad. Exact.
+
+    The reference forward runs in eval mode, as the cache is filled: a model with dropout (OPT has
+    0.1) would otherwise give a noisy reference that changes from one call to the next."""
 
     name = "online"
 
     def _logits(self, model, inputs, sel):
         labels = inputs["tail_labels"][sel]
-        with torch.no_grad():
-            lg = model(inputs["input_ids"][sel], inputs["attention_mask"][sel], keep=labels.shape[1] + 1,
-                       reference=True)[:, :-1]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                lg = model(inputs["input_ids"][sel], inputs["attention_mask"][sel], keep=labels.shape[1] + 1,
+                           reference=True)[:, :-1]
+        finally:
+            model.train(was_training)
         return lg, labels
 
     def kl(self, model, inputs, sel, logits_at_label):
