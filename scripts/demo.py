@@ -21,7 +21,7 @@ from utils.methods import BASELINES  # noqa: E402
 from utils.runs import is_finished  # noqa: E402
 
 # Demo scale (CPU): rows used for training and rows scored per split.
-SIZES = dict(max_retain=256, max_forget=64, max_eval_rows=128, max_length=128)
+SIZES = dict(max_retain=192, max_forget=64, max_eval_rows=100, max_length=128)
 QLORA = dict(num_epochs=2, train_batch_size=16, lr=3e-4)
 SPUL = dict(num_epochs=4, train_batch_size=16, lr=1e-3, ptuning_num_tokens=30, alpha=0.5, beta=0.5)
 BASELINE = dict(num_epochs=1, train_batch_size=16, lr=1e-5)
