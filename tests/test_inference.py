@@ -153,11 +153,12 @@ def test_broken_chains_are_user_errors(tmp_path, tiny_qlora, tiny_llama):
 # ---------------------------------------------------------------- inference_spul.py
 
 def test_eval_rows_use_the_forget_subset(sst2_dir):
-    from inference_spul import load_eval_splits
-    from utils.data import forget_subset, load_splits
+    from inference_spul import load_eval_splits, resolve_data_settings
+    from utils.data import forget_subset, load_splits, sample_rows
 
     args = argparse.Namespace(dataset="sst2", data_dir=sst2_dir, splits=["train_forget", "test_forget"],
-                              forget_size=0.5, max_eval_rows=None, seed=1)
+                              forget_size=0.5, max_eval_rows=None, max_forget=None, max_retain=None, max_length=None, seed=1)
+    resolve_data_settings(args, {})
     data = load_eval_splits(args)
     full = load_splits("sst2", sst2_dir, ["train_forget"])["train_forget"]
     assert len(data["train_forget"]) == int(len(full) * 0.5) == len(forget_subset(full, 0.5))
@@ -168,6 +169,12 @@ def test_eval_rows_use_the_forget_subset(sst2_dir):
     assert all(len(r) == 20 for r in capped.values())
     assert all(r in data["train_forget"] for r in capped["train_forget"])
     assert capped == load_eval_splits(args)  # seeded
+
+    # a stage trained on capped rows: train_forget is exactly the rows it unlearned (its cap and seed)
+    args = argparse.Namespace(dataset=None, data_dir=None, splits=["train_forget"], forget_size=None, max_eval_rows=None,
+                              max_forget=None, max_retain=None, max_length=None, seed=1)
+    resolve_data_settings(args, {"dataset": "sst2", "data_dir": sst2_dir, "forget_size": 0.5, "max_forget": 16, "seed": 7})
+    assert load_eval_splits(args)["train_forget"] == sample_rows(forget_subset(full, 0.5), 16, 7)
 
 
 def _check_schema(res):
