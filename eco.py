@@ -32,7 +32,7 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --output_path")
     g.add_argument("--batch_size", type=positive_int, default=32, help="rows per forward pass")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA if supported, else fp32")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, no line per σ-search step")
     g = p.add_argument_group("ECO classifier")
     g.add_argument("--target_fpr", type=float, default=0.05, help="false-positive rate on held-out retain rows the threshold is set for")
     g.add_argument("--holdout_fraction", type=float, default=0.2, help="slice of the training rows kept out of the fit to choose the threshold on")

@@ -240,3 +240,38 @@ def test_user_errors_are_one_line(eco_runs, tiny_qlora, tmp_path, sst2_dir):
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not by qlora.py" in p.stderr
     p = run_script("eco.py", "--model_checkpoints", tiny_qlora, "--strength_range", "5", "1", check=False)
     assert p.returncode == 2 and p.stderr.strip() == "error: --strength_range needs 0 < LO < HI, got 5.0 1.0"
+
+
+class StubEco(torch.nn.Module):
+    """Answers 'positive' for rows holding the token `good_id`, until the corruption strength reaches
+    `breaks`; from there on always 'positive' (balanced accuracy exactly 0.5, chance)."""
+
+    def __init__(self, encoder, good_id, breaks):
+        super().__init__()
+        self.mode, self.corruption = "classifier", Corruption("rand_noise_first_n", 1.0)
+        self.enc, self.good_id, self.breaks = encoder, good_id, breaks
+
+    def forward(self, input_ids, attention_mask, keep=1):
+        neg, pos = self.enc.first_label_ids()
+        positive = (input_ids == self.good_id).any(-1) | (self.corruption.strength >= self.breaks)
+        logits = torch.zeros(len(input_ids), keep, len(self.enc.tokenizer))
+        logits[:, -1, pos] = positive.float()
+        logits[:, -1, neg] = 1 - positive.float()
+        return logits
+
+
+def test_strength_search_finds_first_crossing(tokenizer):
+    from utils.eco import search_strength
+
+    enc = PromptEncoder(tokenizer, 64)
+    good = set(enc.prompt_ids("good")) - set(enc.prompt_ids("bad"))
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}] * 4
+    stub = StubEco(enc, good.pop(), breaks=3.7)
+    best, log = search_strength(stub, enc, rows, 0.01, 1000.0, rounds=12, tolerance=0.05, quiet=True)
+    s = [e["strength"] for e in log["evaluations"]]
+    assert s[:4] == pytest.approx([0.01, 0.1, 1.0, 10.0])  # grows by 10 until chance is reached
+    assert [e["met"] for e in log["evaluations"][:4]] == [False, False, False, True]
+    assert 3.7 <= best < 3.7 * 1.01 and len(s) == 4 + 12  # then 12 bisection rounds in [1, 10]
+    assert stub.mode == "classifier" and stub.corruption.strength == best
+    best_k, log_k = search_strength(stub, enc, rows, 1.0, 64.0, integer=True, quiet=True)
+    assert best_k == 4.0 and [e["strength"] for e in log_k["evaluations"]][:3] == [1.0, 2.0, 4.0]

@@ -264,48 +264,54 @@ def balanced_label_accuracy(scores, rows):
 
 
 def search_strength(eco, encoder, rows, lo, hi, rounds=10, tolerance=0.05, integer=False, batch_size=32,
-                    device="cpu", quiet=False):
+                    device="cpu", quiet=False, factor=None):
     """Smallest corruption strength whose corrupted forget rows are no better than chance.
 
     Zeroth-order: only the objective's values are used. f(s) = balanced label accuracy of the rows with
-    every row corrupted at strength s; target f(s) <= 1/n_labels + tolerance. Log-space bisection
-    between lo (assumed above target) and hi, `rounds` rounds (integer strengths stop at adjacent
-    integers). The smallest such strength is kept so that retain rows the classifier flags by
-    mistake are hurt as little as possible. Returns (strength, log of every evaluation).
+    every row corrupted at strength s; target f(s) <= 1/n_labels + tolerance. The strength grows from
+    lo by `factor` (10, or 2 for integer k) until the target is met, then a log-space bisection of
+    `rounds` rounds narrows the last bracket (integer strengths stop at adjacent integers). Growing
+    from below finds the first crossing: at very large strengths the prediction is a function of the
+    noise alone and f wanders around chance by sampling error. The smallest strength is kept so
+    that retain rows the classifier flags by mistake are hurt as little as possible.
+    Returns (strength, {"target", "evaluations": [...]}).
     """
     from .evaluation import predict_rows
 
     target = 1.0 / len(encoder.label_words) + tolerance
+    factor = factor or (2.0 if integer else 10.0)
     mode, log = eco.mode, []
     eco.mode = "all"
 
     def f(s):
         eco.corruption.strength = s
-        scores = predict_rows(eco, encoder, rows, batch_size=batch_size, device=device, desc=f"σ={s:.4g}", quiet=True)
+        scores = predict_rows(eco, encoder, rows, batch_size=batch_size, device=device, desc=f"strength {s:.4g}", quiet=True)
         value = balanced_label_accuracy(scores, rows)
         log.append({"strength": s, "balanced_label_accuracy": value, "met": value <= target})
-        if not quiet:
+        if not quiet:  # one line per evaluation: the search is a dozen forwards over a small subset
             print(f"  strength {s:.5g}: balanced label accuracy {value:.3f} (target <= {target:.3f})")
         return value <= target
 
     try:
-        if not f(hi):
-            print(f"warning: even strength {hi:.4g} leaves the forget rows above chance; using it (raise the range)")
-            best = hi
-        elif f(lo):
-            best = lo
-        else:
+        below, s = None, lo
+        while not f(s):
+            if s >= hi:
+                print(f"warning: no strength up to {hi:.4g} takes the forget rows to chance; using it (raise the range)")
+                break
+            below, s = s, min(s * factor, hi)
+        above = s
+        if below is not None and log[-1]["met"]:
             for _ in range(rounds):
-                mid = float(np.sqrt(lo * hi))
+                mid = float(np.sqrt(below * above))
                 if integer:
                     mid = float(round(mid))
-                    if mid <= lo or mid >= hi:
+                    if mid <= below or mid >= above:
                         break
                 if f(mid):
-                    hi = mid
+                    above = mid
                 else:
-                    lo = mid
-            best = hi
+                    below = mid
+        best = above
     finally:
         eco.mode = mode
     eco.corruption.strength = best
