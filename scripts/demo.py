@@ -87,7 +87,7 @@ def main():
         evaluated.append(evaluate(stage("qlora.py", "retrained", f"--model_name={args.model}", "--train_on=retain",
                                         *flags(QLORA))))
     if "eco" not in skip and os.path.exists(os.path.join(ROOT, "eco.py")):
-        evaluated.append(evaluate(stage("eco.py", "eco", f"--model_checkpoints={qlora}")))
+        evaluated.append(evaluate(stage("eco.py", "eco", f"--model_checkpoints={qlora}", "--search_rows=32")))
 
     run("scripts/make_tables.py", *evaluated, f"--out={os.path.join(out, 'table')}")
     print(f"\ndemo finished in {time.time() - t0:.0f} s; table in {os.path.join(out, 'table.md')}")
