@@ -21,14 +21,16 @@ class OnlineReference:
 
     def _logits(self, model, inputs, sel):
         labels = inputs["tail_labels"][sel]
-        was_training = model.training
-        model.eval()
+        was_training = isinstance(model, torch.nn.Module) and model.training
+        if was_training:
+            model.eval()
         try:
             with torch.no_grad():
                 lg = model(inputs["input_ids"][sel], inputs["attention_mask"][sel], keep=labels.shape[1] + 1,
                            reference=True)[:, :-1]
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
         return lg, labels
 
     def kl(self, model, inputs, sel, logits_at_label):
