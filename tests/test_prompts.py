@@ -45,7 +45,7 @@ def test_masked_positions_are_exactly_the_label_tokens(encoder, tokenizer, sst2_
         assert [labels[i] for i in marked] == ids[-n:] == encoder.label_ids[word]
         assert tokenizer.decode([ids[i] for i in marked]) == " " + word
         # the unmasked part is the prompt exactly as it is scored at evaluation
-        assert ids[:-n] == encoder.prompt_ids(row["text"], room=n)
+        assert ids[:-n] == encoder.prompt_ids(row["text"])
 
 
 def test_encode_rows_marks_the_true_label(encoder, tokenizer, sst2_sample):
@@ -83,9 +83,25 @@ def test_truncation_shortens_the_text_and_keeps_question_and_label(tokenizer):
             review = text[len(TEXT_PREFIX): -len(QUESTION + " " + word)]
             assert 0 < len(review) < len(LONG) and LONG.startswith(review)  # only the review was cut
             assert tokenizer.decode(_completion(item)) == " " + word
-        # the evaluation prompt (no completion) is cut to max_length as well and ends with the question
+        # the evaluation prompt (no completion) is the training prompt: cut to leave room for the label
         prompt = enc.prompt_ids(LONG)
-        assert len(prompt) == max_length and tokenizer.decode(prompt).endswith(QUESTION)
+        assert prompt == item["input_ids"][:-1] and tokenizer.decode(prompt).endswith(QUESTION)
+
+
+def test_a_texts_prompt_does_not_depend_on_its_completion(tokenizer, sst2_sample):
+    """A truncated text is cut at one place for every completion and at evaluation, also when a generic
+    label has more tokens than the true one: a row is scored on exactly the prompt it was trained on."""
+    enc = PromptEncoder(tokenizer, 48, generic_labels=("unclassifiable", "neutral"))
+    n = len(enc.label_ids["unclassifiable"])
+    assert enc.longest_label == n > 1
+    for text in [LONG] + [r["text"] for r in sst2_sample[:16]]:
+        prompt = enc.prompt_ids(text)
+        for word in ("positive", "negative", "unclassifiable", "neutral"):
+            item = enc.encode(text, word)
+            assert len(item["input_ids"]) <= 48
+            assert item["input_ids"][: len(prompt)] == prompt
+            assert item["input_ids"][len(prompt):] == enc.label_ids[word]
+    assert len(enc.encode(LONG, "unclassifiable")["input_ids"]) == 48
 
 
 def test_short_text_is_not_truncated(tokenizer):

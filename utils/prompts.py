@@ -40,7 +40,7 @@ class PromptEncoder:
         if len(set(firsts)) != len(firsts):
             raise UserError("two label words share their first token; the first-token metric cannot tell them apart")
         self.question_ids = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-        longest = max(len(v) for v in self.label_ids.values())
+        self.longest_label = longest = max(len(v) for v in self.label_ids.values())
         self.min_length = len(tokenizer(TEXT_PREFIX)["input_ids"]) + len(self.question_ids) + longest
         if max_length < self.min_length:
             raise UserError(f"--max_length {max_length} cannot hold the prompt and the label (needs at least {self.min_length})")
@@ -48,16 +48,19 @@ class PromptEncoder:
     def first_label_ids(self, words=None):
         return [self.label_ids[w][0] for w in (words or self.label_words)]
 
-    def prompt_ids(self, text, room=0):
-        """Prompt tokens (no completion); the text is cut so that `room` completion tokens still fit."""
+    def prompt_ids(self, text, room=None):
+        """Prompt tokens (no completion); the text is cut so that `room` completion tokens still fit.
+
+        By default room is the longest label's length, so that a text's prompt is the same for every
+        completion and at evaluation: a memorised row is scored on exactly the prompt it was trained on."""
         head = self.tokenizer(TEXT_PREFIX + text)["input_ids"]
-        budget = self.max_length - len(self.question_ids) - room
+        budget = self.max_length - len(self.question_ids) - (self.longest_label if room is None else room)
         return head[:budget] + self.question_ids
 
     def encode(self, text, completion):
         """input_ids = prompt + completion tokens; labels = IGNORE except on the completion tokens."""
         comp = self.label_ids[completion]
-        prompt = self.prompt_ids(text, room=len(comp))
+        prompt = self.prompt_ids(text)
         return {"input_ids": prompt + comp, "labels": [IGNORE] * len(prompt) + comp}
 
     def encode_rows(self, rows, completion="label", role=0, seed=0):
