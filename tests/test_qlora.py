@@ -191,6 +191,9 @@ def test_paper_defaults():
     assert (a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_bias, a.quantization, a.train_on) == (
         16, 64, 0.1, "none", "nf4", "all")
     assert a.report_to == "none"
+    with pytest.raises(SystemExit) as e:
+        qlora.parse_args(["--help"])
+    assert e.value.code == 0
 
 
 def test_unknown_dataset(tmp_path):

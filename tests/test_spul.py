@@ -85,6 +85,9 @@ def test_parser_defaults_and_seed_readme_command():
     assert (a.lr, a.num_epochs, a.train_batch_size, a.weight_decay, a.lr_scheduler_type, a.warmup_ratio,
             a.max_grad_norm, a.forget_size) == (1e-4, 10, 32, 0.001, "cosine", 0.1, 0.3, 1.0)
     assert a.generic_labels == "neutral,unknown"
+    with pytest.raises(SystemExit) as e:
+        spul.parse_args(["--help"])
+    assert e.value.code == 0
 
 
 # ------------------------------------------------------------------ the toy set
