@@ -76,7 +76,7 @@ def kl_topk(ref_idx, ref_logp, logits):
     if logits.shape[0] == 0:
         return logits.new_zeros(())
     logq = torch.log_softmax(logits.float(), -1)
-    q_top = logq.gather(-1, ref_idx)
+    q_top = logq.gather(-1, ref_idx.long())
     p_top = ref_logp.float()
     p_rest = _log1mexp(torch.logsumexp(p_top, -1))
     q_rest = _log1mexp(torch.logsumexp(q_top, -1))

@@ -7,6 +7,7 @@ model compute logits for the last few positions only (`logits_to_keep`).
 """
 import random
 
+import numpy as np
 import torch
 
 from .cli import UserError
@@ -104,7 +105,8 @@ class LeftPadCollator:
             batch["tail_labels"] = _left_pad(tails, IGNORE)
         for k in items[0]:
             if k not in ("input_ids", "labels", "text"):
-                batch[k] = torch.tensor([it[k] for it in items])
+                vals = [it[k] for it in items]
+                batch[k] = torch.as_tensor(np.stack(vals)) if isinstance(vals[0], np.ndarray) else torch.tensor(vals)
         return batch
 
 

@@ -5,6 +5,7 @@ SST-2). Here the cache keeps, per row, the reference's top-k log-probs at the la
 position (k ids + k values) and the log-probability of the completion: a few hundred bytes a row.
 The online variant runs the reference forward (prompt off, or the frozen copy) in every step.
 """
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -70,8 +71,9 @@ def fill_reference_cache(model, items, collator, k=32, batch_size=32, device="cp
         top = logp.topk(min(k, logp.shape[-1]), -1)
         seq = sequence_logprob(logits, labels)
         for j, i in enumerate(idx):
-            items[i]["ref_idx"] = top.indices[j].tolist()
-            items[i]["ref_logp"] = top.values[j].tolist()
+            # compact arrays (k·8 bytes a row), not Python lists (~9x larger)
+            items[i]["ref_idx"] = top.indices[j].cpu().numpy().astype(np.int32)
+            items[i]["ref_logp"] = top.values[j].cpu().numpy().astype(np.float32)
             items[i]["ref_seq_logp"] = float(seq[j])
     model.train(was_training)
     return items
