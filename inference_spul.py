@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from utils.cli import UserError, add_data_args, positive_int, run_main, set_seed, str2bool
+from utils.cli import UserError, add_data_args, add_model_args, positive_int, run_main, set_seed, str2bool
 
 SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
 
@@ -30,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--model_checkpoints", required=True,
                    help="a stage folder (qlora/spul/baselines/eco) or a pre-trained model (hub id, folder, smollm2-135m)")
     add_data_args(p)
+    add_model_args(p)
     # None = take the value the stage trained with (arguments.json), else the usual default
     p.set_defaults(dataset=None, forget_size=None, max_length=None)
     g = p.add_argument_group("evaluation")
@@ -132,7 +133,7 @@ def main():
     # model: whatever stage wrote the folder
     t0 = time.time()
     dtype = resolve_dtype(args.precision)
-    model, tokenizer, info = load_stage(args.model_checkpoints, dtype)
+    model, tokenizer, info = load_stage(args.model_checkpoints, dtype, args.set_pad_id)
     dev = device()
     model.to(dev)
     encoder = PromptEncoder(tokenizer, args.max_length, **info["encoder_kwargs"])

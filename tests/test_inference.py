@@ -66,6 +66,24 @@ def test_pretrained_and_qlora_stages(tiny_llama, tiny_qlora, tokenizer):
     torch.testing.assert_close(_logits(model, tok), _logits(TailLM(merged), tokenizer))
 
 
+def test_set_pad_id_is_accepted_and_honoured(tiny_llama, tmp_path):
+    """The scripts pass --set_pad_id to every stage, inference_spul.py included: pad becomes EOS."""
+    import shutil
+
+    import inference_spul
+    from transformers import AutoTokenizer
+
+    assert inference_spul.parse_args(["--model_checkpoints", tiny_llama, "--set_pad_id"]).set_pad_id
+    assert not inference_spul.parse_args(["--model_checkpoints", tiny_llama]).set_pad_id
+    folder = str(tmp_path / "own-pad")  # a model whose tokenizer has a pad token of its own
+    shutil.copytree(tiny_llama, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = "<|endoftext|>"
+    tok.save_pretrained(folder)
+    assert load_stage(folder)[1].pad_token == "<|endoftext|>" != tok.eos_token
+    assert load_stage(folder, set_pad_id=True)[1].pad_token == tok.eos_token
+
+
 def test_spul_stage_applies_the_prompt(tiny_spul, tiny_qlora, tiny_llama, tokenizer):
     from utils.modeling import SoftPromptLM
 

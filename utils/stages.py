@@ -80,8 +80,9 @@ def _with_adapter(lm, folder, base_name, what):
         raise UserError(f"the {what} adapter in {folder} does not fit {base_name}: {str(e).splitlines()[0][:200]}")
 
 
-def load_stage(path_or_name, dtype=torch.float32):
-    """Load the model a stage wrote (or a pre-trained model). Returns Stage(model, tokenizer, info)."""
+def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False):
+    """Load the model a stage wrote (or a pre-trained model). Returns Stage(model, tokenizer, info).
+    `set_pad_id` forces pad = EOS (also taken from the stage's arguments.json)."""
     from .training import TailLM
 
     name = str(path_or_name)
@@ -94,7 +95,7 @@ def load_stage(path_or_name, dtype=torch.float32):
         if os.path.isdir(name) and os.path.exists(os.path.join(name, "adapter_config.json")):
             raise UserError(f"{name} holds an adapter but no arguments.json: cannot tell which model it belongs to")
         try:
-            tok = load_tokenizer(name)
+            tok = load_tokenizer(name, set_pad_id)
         except UserError as e:
             if embedded or os.path.isdir(name):
                 raise
@@ -106,7 +107,7 @@ def load_stage(path_or_name, dtype=torch.float32):
 
     info = _read_finished(name)
     stage = info.get("stage")
-    set_pad = bool(info.get("set_pad_id", False))
+    set_pad = set_pad_id or bool(info.get("set_pad_id", False))
     if stage == "qlora":
         lm = _merged_qlora(name, dtype)
         method = "retrained" if info.get("train_on") == "retain" else "qlora"
