@@ -94,6 +94,9 @@ def test_caps_are_seeded_and_deterministic(sst2_dir, sst2):
     assert _texts(a) != _texts(retain[:100])
     pos = {id(r): i for i, r in enumerate(retain)}
     assert [pos[id(r)] for r in a] == sorted(pos[id(r)] for r in a)  # original order kept
+    # nested: a smaller cap draws a subset of a larger one (stages capped below qlora.py's cap see memorised rows)
+    drawn = [{id(r) for r in sample_rows(retain[:1425], n, seed=42)} for n in (64, 128, 400, 1000)]
+    assert all(small < big for small, big in zip(drawn, drawn[1:]))
     assert sample_rows(retain[:10], None, seed=0) == retain[:10]
     assert sample_rows(retain[:10], 50, seed=0) == retain[:10]
 

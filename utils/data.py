@@ -114,10 +114,14 @@ def load_splits(dataset="sst2", data_dir=None, splits=SPLITS, n_labels=len(LABEL
 
 
 def sample_rows(rows, n, seed):
-    """A seeded random subset of n rows, in their original order (all rows when n is None or too big)."""
+    """A seeded random subset of n rows, in their original order (all rows when n is None or too big).
+    The first n of one seeded permutation: a smaller cap is a subset of a larger one, so a stage capped
+    below qlora.py's cap trains on rows the model memorised, and forget sizes are nested."""
     if n is None or n >= len(rows):
         return list(rows)
-    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    keep = sorted(order[:n])
     return [rows[i] for i in keep]
 
 
