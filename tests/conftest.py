@@ -100,3 +100,21 @@ def tiny_qlora(tmp_path_factory, tiny_llama, sst2_dir):
                "--num_epochs", 1, "--train_batch_size", 16, "--max_length", 64, "--quantization", "none",
                "--output_path", out, "--quiet")
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, here and in the scripts a test module starts: on a busy
+    two-core machine two threads made a tiny training run ten times slower. Use it per module with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    env, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env

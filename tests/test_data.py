@@ -11,21 +11,7 @@ from utils.cli import UserError
 from utils.data import SPLITS, forget_subset, load_splits, sample_rows, training_splits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, here and in the scripts this module starts: on a busy
-    two-core machine two threads made a tiny training run ten times slower."""
-    import torch
-
-    env, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 TOY = {s: [(f"{s} review number {i}", i % 2) for i in range(6)] for s in SPLITS}

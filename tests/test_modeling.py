@@ -11,19 +11,7 @@ from utils.modeling import (SoftPromptLM, load_merged_model, load_model, load_to
 from utils.prompts import LeftPadCollator, PromptEncoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, here and in the scripts this module starts: on a busy
-    two-core machine two threads made a tiny training run ten times slower."""
-    env, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16], [17, 18, 19, 20, 21, 22], [23, 24]]  # keep <= 2 stays inside each row
