@@ -69,6 +69,17 @@ def _default_data_dir():
 
 # ---------------------------------------------------------------- model and data
 
+def setup(args):
+    """Seed, record the environment, load the model and say what runs where: (env, tokenizer, lm, model name)."""
+    import torch
+
+    torch.manual_seed(args.seed)
+    env = environment()
+    tokenizer, lm, model_name = load_lm(args)
+    print(f"{model_name} on {env['device']}; torch {env['torch']}, transformers {env['transformers']}")
+    return env, tokenizer, lm, model_name
+
+
 def load_lm(args):
     """(tokenizer, causal LM, model name): the merged qlora model when --model_checkpoints is given."""
     from utils.modeling import load_merged_model, load_model, load_tokenizer, resolve_dtype

@@ -29,11 +29,8 @@ def main():
     from utils.prompts import LeftPadCollator, position_ids_from_mask
     from utils.reference import CachedReference, fill_reference_cache
 
-    torch.manual_seed(args.seed)
-    env = common.environment()
+    env, tokenizer, lm, model_name = common.setup(args)
     dev = device()
-    tokenizer, lm, model_name = common.load_lm(args)
-    print(f"{model_name} on {env['device']}; torch {env['torch']}, transformers {env['transformers']}")
     model = build_prompt_model(lm, args.ptuning_num_tokens, 128).to(dev)
     encoder = common.encoder_for(tokenizer, args)
     collate = LeftPadCollator(tokenizer.pad_token_id)

@@ -41,12 +41,9 @@ def main():
     from utils.prompts import LeftPadCollator
     from utils.reference import CachedReference, OnlineReference, fill_reference_cache
 
-    torch.manual_seed(args.seed)
-    env = common.environment()
+    env, tokenizer, lm, model_name = common.setup(args)
     dev = device()
-    tokenizer, lm, model_name = common.load_lm(args)
     vocab = lm.get_output_embeddings().weight.shape[0]
-    print(f"{model_name} on {env['device']}; torch {env['torch']}, transformers {env['transformers']}")
     model = build_prompt_model(lm, args.ptuning_num_tokens, 128).to(dev)
     encoder = common.encoder_for(tokenizer, args)
     collate = LeftPadCollator(tokenizer.pad_token_id)

@@ -30,11 +30,8 @@ def main():
     from utils.reference import CachedReference, fill_reference_cache
     from utils.training import TailLM
 
-    torch.manual_seed(args.seed)
-    env = common.environment()
+    env, tokenizer, lm, model_name = common.setup(args)
     dev = device()
-    tokenizer, lm, model_name = common.load_lm(args)
-    print(f"{model_name} on {env['device']}; torch {env['torch']}, transformers {env['transformers']}")
     lm_full = copy.deepcopy(lm)  # GA+GD trains its own copy of every weight
 
     spul_model = build_prompt_model(lm, args.ptuning_num_tokens, 128).to(dev)

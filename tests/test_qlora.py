@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qlora
-from conftest import run_script, write_split_dir
+from conftest import one_line_error, run_script, write_split_dir
 from utils.lora import default_target_modules
 from utils.modeling import load_merged_model, load_model, load_tokenizer, tail_logits
 from utils.prompts import PromptEncoder
@@ -54,14 +54,6 @@ def memorised(tmp_path_factory, tiny_llama, toy_dir):
 def _args(folder):
     with open(os.path.join(folder, "arguments.json")) as f:
         return json.load(f)
-
-
-def _one_line_error(proc):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
 
 
 # ------------------------------------------------------------------ a finished run
@@ -123,7 +115,7 @@ def test_refuses_to_overwrite_a_finished_run(memorised, tiny_llama, toy_dir):
     before = os.path.getmtime(os.path.join(memorised, "adapter_model.safetensors"))
     proc = run_script("qlora.py", "--model_name", tiny_llama, "--data_dir", toy_dir, "--quantization", "none",
                       "--max_length", MAX_LENGTH, "--output_path", memorised, check=False)
-    assert "--overwrite" in _one_line_error(proc)
+    assert "--overwrite" in one_line_error(proc)
     assert os.path.getmtime(os.path.join(memorised, "adapter_model.safetensors")) == before
 
 
@@ -186,24 +178,24 @@ def test_paper_defaults():
 
 def test_unknown_dataset(tmp_path):
     proc = run_script("qlora.py", "--dataset", "imdb", "--output_path", tmp_path / "out", check=False)
-    assert "imdb" in _one_line_error(proc)
+    assert "imdb" in one_line_error(proc)
 
 
 def test_missing_data_folder(tmp_path):
     proc = run_script("qlora.py", "--data_dir", tmp_path / "nowhere", "--output_path", tmp_path / "out", check=False)
-    assert "nowhere" in _one_line_error(proc)
+    assert "nowhere" in one_line_error(proc)
 
 
 def test_zero_epochs(tmp_path, toy_dir):
     proc = run_script("qlora.py", "--data_dir", toy_dir, "--num_epochs", 0, "--output_path", tmp_path / "out", check=False)
-    assert "--num_epochs" in _one_line_error(proc)
+    assert "--num_epochs" in one_line_error(proc)
 
 
 def test_target_module_the_model_lacks(tmp_path, tiny_llama, toy_dir):
     proc = run_script("qlora.py", "--model_name", tiny_llama, "--data_dir", toy_dir, "--quantization", "none",
                       "--max_length", MAX_LENGTH, "--target_modules", "q_proj, query_key_value",
                       "--output_path", tmp_path / "out", check=False)
-    line = _one_line_error(proc)
+    line = one_line_error(proc)
     assert line.endswith("no module named query_key_value (for --target_modules)"), line  # q_proj exists
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 

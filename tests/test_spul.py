@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import spul
-from conftest import run_script, write_split_dir
+from conftest import one_line_error, run_script, write_split_dir
 from utils.data import load_splits
 from utils.evaluation import classification_metrics, predict_rows
 from utils.modeling import SoftPromptLM, count_trainable, load_merged_model, load_tokenizer, weights_fingerprint
@@ -239,7 +239,7 @@ def test_refuses_to_overwrite_a_finished_run(toy_qlora, toy_spul, toy_dir):
     stamp = os.path.getmtime(os.path.join(out, "adapter_model.safetensors"))
     proc = run_script("spul.py", "--model_checkpoints", toy_qlora, "--data_dir", toy_dir, "--max_length", MAX_LENGTH,
                       "--output_path", out, check=False)
-    assert "--overwrite" in _one_line_error(proc)
+    assert "--overwrite" in one_line_error(proc)
     assert os.path.getmtime(os.path.join(out, "adapter_model.safetensors")) == stamp
 
 
@@ -262,26 +262,18 @@ def test_both_kl_references_run(toy_qlora, toy_spul, toy_dir, tmp_path):
     assert kls[-1] > 0  # the prompt moved the model away from the reference
 
 
-def _one_line_error(proc):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
-
-
 def test_missing_checkpoint_folder(tmp_path, toy_dir):
     proc = run_script("spul.py", "--model_checkpoints", tmp_path / "no-run", "--data_dir", toy_dir, check=False)
-    assert "no-run" in _one_line_error(proc)
+    assert "no-run" in one_line_error(proc)
 
 
 def test_no_generic_labels(toy_qlora, toy_dir, tmp_path):
     proc = run_script("spul.py", "--model_checkpoints", toy_qlora, "--data_dir", toy_dir, "--generic_labels", " , ",
                       "--output_path", tmp_path / "out", check=False)
-    assert "--generic_labels" in _one_line_error(proc)
+    assert "--generic_labels" in one_line_error(proc)
 
 
 def test_checkpoint_folder_of_another_stage(toy_spul, toy_dir):
     proc = run_script("spul.py", "--model_checkpoints", toy_spul["out"], "--data_dir", toy_dir,
                       "--output_path", os.path.join(toy_spul["out"], "x"), check=False)
-    assert "qlora.py" in _one_line_error(proc)
+    assert "qlora.py" in one_line_error(proc)
