@@ -4,6 +4,10 @@ SST-2 subset, ending in the results table (runs/demo/table.md).
 vanilla eval → qlora.py → spul.py → baselines.py (every method) → qlora.py --train_on retain
 (the retrained reference) → eco.py → inference_spul.py on every checkpoint → make_tables.py.
 
+Stages that do not depend on each other run side by side (--jobs, default 2 on a machine with two or
+more cores, each with its share of the cores): on a 2-core CPU that is ~20 % more work per second
+than one stage on both cores, and it hides each process's start-up. Each stage's output goes to
+runs/demo/logs/STAGE.log; the terminal shows one progress bar over the stages.
 Re-running resumes: a stage whose folder holds a finished run (or a results.json) is skipped.
 Sizes are chosen to finish within ~30 minutes on a 2-core CPU; see README for the figures.
 """
@@ -12,27 +16,135 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from utils.cli import run_main  # noqa: E402
 from utils.data import default_data_dir  # noqa: E402
 from utils.methods import BASELINES  # noqa: E402
-from utils.runs import is_finished  # noqa: E402
+from utils.runs import is_finished, save_json  # noqa: E402
 
-# Demo scale (CPU): rows used for training (qlora.py) and rows scored per split.
-SIZES = dict(max_retain=384, max_forget=128, max_length=128)
-EVAL = dict(max_eval_rows=64, max_length=128)  # train_* caps come from each stage's own arguments.json
-QLORA = dict(num_epochs=2, train_batch_size=16, lr=1e-3)
-# SPUL unlearns the 128 forget rows with 128 of the memorised retain rows (a subset of qlora.py's 384),
-# the baselines with 64 of them (the 30-minute budget). SPUL: p=10 (CPU time grows with p); small batches, since at this scale the prompt
-# learns to tell forget rows from retain rows only with enough updates (README, "the demo").
-SPUL = dict(num_epochs=5, train_batch_size=8, lr=1e-3, ptuning_num_tokens=10, alpha=1.0, beta=0.5, max_retain=128)
-BASELINE = dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=64)
+SCALES = {
+    # The demo (CPU, ~30 min): qlora.py memorises 384 retain + 128 forget rows; SPUL unlearns the 128 forget
+    # rows with 256 of the memorised retain rows (a subset), the baselines with 64 of them; 64 rows per split
+    # are scored (train_* caps come from each stage's own arguments.json). SPUL: p=10 (CPU time grows with p),
+    # 160 steps of 8 rows at lr 2e-3; twice as many retain rows as forget rows keep test_retain answers
+    # from turning generic, alpha=1.25 sits between the curve's two nearest points (docs/spul_cpu_scale.md).
+    "demo": dict(
+        sizes=dict(max_retain=384, max_forget=128, max_length=128),
+        eval=dict(max_eval_rows=64),
+        # qlora.py batches rows of similar length: 1.4x less padding; memorising all rows needs no forget/retain
+        # contrast in each batch, unlike the unlearning objectives (random batches, the default)
+        qlora=dict(num_epochs=2, train_batch_size=16, lr=1e-3, group_by_length=True),
+        spul=dict(max_steps=160, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.25, beta=0.5, max_retain=256),
+        baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=64),
+        eco=dict(search_rows=32)),
+    # A pipeline check in a minute or two (any model): every stage for a step or two on a handful of rows.
+    "smoke": dict(
+        sizes=dict(max_retain=12, max_forget=6, max_length=64),
+        eval=dict(max_eval_rows=4),
+        qlora=dict(num_epochs=1, train_batch_size=6, lr=1e-3),
+        spul=dict(max_steps=2, train_batch_size=4, ptuning_num_tokens=2),
+        baseline=dict(max_steps=1, train_batch_size=4),
+        eco=dict(search_rows=4)),
+}
 
 
 def flags(d):
     return [f"--{k}={v}" for k, v in d.items()]
+
+
+class Job:
+    def __init__(self, name, script, args, after, output):
+        self.name, self.script, self.args, self.after = name, script, list(args), set(after)
+        self.output = output  # a stage folder (finished run) or a results.json path: the job is done when it exists
+
+    def done(self):
+        if self.output.endswith(".json"):
+            return os.path.exists(self.output)
+        return is_finished(self.output)
+
+
+def plan(args, scale):
+    """The jobs in priority order (the longest chains first; evaluations fill the gaps)."""
+    out = args.out
+    data = [f"--data_dir={args.data_dir}"] if args.data_dir else ["--dataset=sst2"]
+    sizes, ev = flags(scale["sizes"]), flags({**scale["eval"], "max_length": scale["sizes"]["max_length"]})
+    skip = set(filter(None, args.skip.split(",")))
+    jobs, evals = [], []
+
+    def stage(script, name, *a, after=("qlora",)):
+        folder = os.path.join(out, name)
+        jobs.append(Job(name, script, [*data, *sizes, f"--output_path={folder}", "--overwrite", *a], after, folder))
+        evals.append(Job(f"{name} eval", "inference_spul.py", [*data, *ev, f"--model_checkpoints={folder}", "--quiet"],
+                         [name], os.path.join(folder, "results.json")))
+
+    qlora = os.path.join(out, "qlora")
+    stage("qlora.py", "qlora", f"--model_name={args.model}", *flags(scale["qlora"]), after=())
+    stage("spul.py", "spul", f"--model_checkpoints={qlora}", *flags(scale["spul"]))
+    if "retrained" not in skip:
+        stage("qlora.py", "retrained", f"--model_name={args.model}", "--train_on=retain", *flags(scale["qlora"]), after=())
+    if "eco" not in skip:
+        stage("eco.py", "eco", f"--model_checkpoints={qlora}", *flags(scale["eco"]),
+              f"--max_eval_rows={scale['eval']['max_eval_rows']}")
+    if "vanilla" not in skip:
+        # top-token protocol only: greedy generation (the paper's vanilla protocol) costs 5 forwards a row on a CPU
+        vanilla = os.path.join(out, "vanilla")
+        evals.insert(0, Job("vanilla eval", "inference_spul.py",
+                            [*data, *sizes, *ev, f"--model_checkpoints={args.model}", f"--output_path={vanilla}",
+                             "--generate=false", "--quiet"], (), os.path.join(vanilla, "results.json")))
+    if "baselines" not in skip:
+        for m in filter(None, args.methods.split(",")):
+            stage("baselines.py", m, f"--model_checkpoints={qlora}", f"--unlearn_method={m}", *flags(scale["baseline"]))
+    # training jobs first in list order, each evaluation as soon as its model exists
+    return jobs + evals
+
+
+def run_jobs(jobs, n_jobs, log_dir, threads):
+    """Run `jobs` (skipping finished ones), at most n_jobs at a time, each after the jobs it needs."""
+    from tqdm.auto import tqdm
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = {j.name for j in jobs if j.done()}
+    pending = deque(j for j in jobs if j.name not in done)
+    running, failed, seconds = {}, None, {}
+    bar = tqdm(total=len(jobs), initial=len(done), desc="demo", unit="stage", dynamic_ncols=True, mininterval=5)
+    if done:
+        tqdm.write(f"finished earlier, skipped: {', '.join(sorted(done))}")
+    while pending or running:
+        while not failed and len(running) < n_jobs:
+            job = next((j for j in pending if j.after <= done), None)
+            if job is None:
+                break
+            pending.remove(job)
+            log = open(os.path.join(log_dir, job.name.replace(" ", "_") + ".log"), "w")
+            cmd = [sys.executable, os.path.join(ROOT, job.script), *job.args]
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            running[job.name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                                 job, log, time.time())
+        if bar.postfix != ", ".join(running):
+            bar.set_postfix_str(", ".join(running))
+        time.sleep(0.5)
+        for name, (proc, job, log, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            log.close()
+            seconds[name] = time.time() - t0
+            if proc.returncode != 0 or not job.done():
+                failed = failed or (job, log.name)
+                tqdm.write(f"[{name}] FAILED after {seconds[name]:.0f} s; log: {log.name}")
+                continue
+            done.add(name)
+            bar.update(1)
+            tqdm.write(f"[{name}] done in {seconds[name]:.0f} s")
+        if failed and not running:
+            break
+    bar.close()
+    return failed, seconds
 
 
 def main():
@@ -42,61 +154,42 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
     p.add_argument("--methods", default=",".join(BASELINES), help="baselines to run (comma-separated)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip (vanilla, retrained, baselines, eco)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="demo",
+                   help="demo: the sizes of README's table; smoke: a one-minute check that every stage runs")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="stages run side by side (default 2)")
     args = p.parse_args()
-    data = [f"--data_dir={args.data_dir}"] if args.data_dir else ["--dataset=sst2"]
-    skip = set(filter(None, args.skip.split(",")))
-    out = args.out
-    os.makedirs(out, exist_ok=True)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    bad = [m for m in filter(None, args.methods.split(",")) if m not in BASELINES]
+    if bad:
+        p.error(f"unknown method {', '.join(bad)} in --methods: choose from {', '.join(BASELINES)}")
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     t0 = time.time()
 
-    def run(script, *a):
-        cmd = [sys.executable, os.path.join(ROOT, script), *a]
-        print(f"\n$ {' '.join(cmd)}", flush=True)
-        if subprocess.call(cmd, cwd=ROOT) != 0:
-            sys.exit(f"demo stopped: {script} failed (re-run `make demo` to resume)")
+    from utils.modeling import resolve_model
 
-    def stage(script, name, *a):
-        folder = os.path.join(out, name)
-        if is_finished(folder):
-            print(f"[{name}] finished run found, skipped")
-        else:
-            run(script, *data, *flags(SIZES), f"--output_path={folder}", "--overwrite", *a)
-        return folder
+    resolve_model(args.model)  # the embedded model is converted once here, not by stages started side by side
+    jobs = plan(args, SCALES[args.scale])
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    print(f"{len(jobs)} stages, {args.jobs} at a time, {threads} thread(s) each; logs in {os.path.join(args.out, 'logs')}",
+          flush=True)
+    failed, seconds = run_jobs(jobs, args.jobs, os.path.join(args.out, "logs"), threads)
+    if failed:
+        job, log = failed
+        with open(log) as f:
+            tail = f.read().splitlines()[-15:]
+        print("\n".join(["", f"--- last lines of {log} ---", *tail]), file=sys.stderr)
+        sys.exit(f"demo stopped: {job.name} failed (see {log}); re-run `make demo` to resume")
 
-    def evaluate(folder, *a):
-        results = os.path.join(folder, "results.json")
-        if os.path.exists(results):
-            print(f"[{os.path.basename(folder)}] results.json found, skipped")
-        else:
-            run("inference_spul.py", *data, *flags(EVAL), f"--model_checkpoints={folder}", *a)
-        return folder
-
-    evaluated = []
-    if "vanilla" not in skip:
-        folder = os.path.join(out, "vanilla")
-        if not os.path.exists(os.path.join(folder, "results.json")):
-            # top-token protocol only: greedy generation (the paper's vanilla protocol) costs 5 forwards a row on a CPU
-            run("inference_spul.py", *data, *flags(SIZES), *flags(EVAL), f"--model_checkpoints={args.model}",
-                f"--output_path={folder}",
-                "--generate=false")
-        evaluated.append(folder)
-    qlora = stage("qlora.py", "qlora", f"--model_name={args.model}", *flags(QLORA))
-    evaluated.append(evaluate(qlora))
-    evaluated.append(evaluate(stage("spul.py", "spul", f"--model_checkpoints={qlora}", *flags(SPUL))))
-    if "baselines" not in skip:
-        for m in filter(None, args.methods.split(",")):
-            evaluated.append(evaluate(stage("baselines.py", m, f"--model_checkpoints={qlora}",
-                                            f"--unlearn_method={m}", *flags(BASELINE))))
-    if "retrained" not in skip:
-        evaluated.append(evaluate(stage("qlora.py", "retrained", f"--model_name={args.model}", "--train_on=retain",
-                                        *flags(QLORA))))
-    if "eco" not in skip and os.path.exists(os.path.join(ROOT, "eco.py")):
-        evaluated.append(evaluate(stage("eco.py", "eco", f"--model_checkpoints={qlora}", "--search_rows=32",
-                                        f"--max_eval_rows={EVAL['max_eval_rows']}")))
-
-    run("scripts/make_tables.py", *evaluated, f"--out={os.path.join(out, 'table')}")
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; table in {os.path.join(out, 'table.md')}")
+    # wall seconds of each stage run this time (skipped stages are absent), for README's figures
+    save_json(os.path.join(args.out, "timings.json"), {"stages_s": {k: round(v, 1) for k, v in seconds.items()},
+                                                        "jobs": args.jobs, "threads_per_job": threads,
+                                                        "wall_s": round(time.time() - t0, 1)})
+    results = [j.output for j in jobs if j.output.endswith("results.json")]
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tables.py"), *results,
+                    f"--out={os.path.join(args.out, 'table')}"], cwd=ROOT, check=True)
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; table in {os.path.join(args.out, 'table.md')}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.cli import UserError
-from utils.modeling import (SoftPromptLM, load_merged_model, load_model, load_tokenizer, read_arguments, tail_logits,
+from utils.modeling import (load_merged_model, load_model, load_tokenizer, read_arguments, tail_logits,
                             weights_fingerprint)
 from utils.prompts import LeftPadCollator, PromptEncoder
 
@@ -22,6 +22,36 @@ def _batch(pad_id, rows=ROWS):
 
 
 # ------------------------------------------------------------------ the embedded model
+
+def test_embedded_conversion_tolerates_a_process_that_finished_first(tmp_path, monkeypatch):
+    """Stages started side by side (scripts/demo.py) may convert the GGUF file at the same time: each
+    writes its own temporary folder, and the one that loses the race keeps the winner's folder."""
+    import transformers
+
+    from utils import modeling
+
+    out = tmp_path / "smollm2-135m"
+
+    class Fake:
+        def __init__(self):
+            self.config = type("Config", (), {})()
+            self.config.quantization_config = None
+
+        def save_pretrained(self, path):
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, "config.json"), "w") as f:
+                f.write("{}")
+            if not out.exists():  # the other process finishes while this one is still writing
+                os.makedirs(out)
+                (out / "config.json").write_text('{"winner": true}')
+
+    monkeypatch.setenv("SPUL_CACHE", str(tmp_path))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Fake())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Fake())
+    assert modeling._embedded_path("smollm2-135m") == str(out)
+    assert (out / "config.json").read_text() == '{"winner": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m"]  # no temporary folder left behind
+
 
 @pytest.mark.e2e
 def test_embedded_model_loads_offline_and_answers_with_a_label_word(smol_path, tokenizer):

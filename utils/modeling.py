@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import torch
 from torch import nn
@@ -46,10 +47,15 @@ def _embedded_path(name):
     del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = name
-    tmp = out + ".tmp"
+    tmp = f"{out}.tmp{os.getpid()}"  # one per process: stages started side by side may convert at once
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first: keep its folder
+        if not os.path.exists(os.path.join(out, "config.json")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
