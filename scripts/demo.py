@@ -109,7 +109,7 @@ def run_jobs(jobs, n_jobs, log_dir, threads):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done = {j.name for j in jobs if j.done()}
     pending = deque(j for j in jobs if j.name not in done)
-    running, failed, seconds = {}, None, {}
+    running, failed, seconds, shown = {}, None, {}, None
     bar = tqdm(total=len(jobs), initial=len(done), desc="demo", unit="stage", dynamic_ncols=True, mininterval=5)
     if done:
         tqdm.write(f"finished earlier, skipped: {', '.join(sorted(done))}")
@@ -125,8 +125,9 @@ def run_jobs(jobs, n_jobs, log_dir, threads):
             log.flush()
             running[job.name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
                                  job, log, time.time())
-        if bar.postfix != ", ".join(running):
-            bar.set_postfix_str(", ".join(running))
+        if shown != list(running):  # redraw only when the running stages change
+            shown = list(running)
+            bar.set_postfix_str(", ".join(shown))
         time.sleep(0.5)
         for name, (proc, job, log, t0) in list(running.items()):
             if proc.poll() is None:

@@ -91,9 +91,9 @@ def add_training_args(p: argparse.ArgumentParser, *, lr, epochs, warmup, batch=3
     g.add_argument("--lr_scheduler_type", default="cosine")
     g.add_argument("--max_grad_norm", type=float, default=0.3, help="gradient clipping (default 0.3)")
     g.add_argument("--group_by_length", type=str2bool, nargs="?", const=True, default=False,
-                   help="batch rows of similar length (less padding, faster). Off by default, as in the paper: "
-                        "forget rows are longer than retain rows on SST-2, so length-grouped batches are mostly one "
-                        "role and, on small sets, come in one long-to-short order per epoch")
+                   help="batch rows of similar length (less padding, faster). Off by default (random batches, the Trainer's "
+                        "default): SST-2's forget rows are longer than its retain rows, so length-grouped batches "
+                        "are mostly one role and unlearning learns less of the difference (README, deviation 12)")
     g.add_argument("--gradient_checkpointing", type=str2bool, default=None, help="default: on for CUDA, off on the CPU")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA if supported, else fp32")
     g.add_argument("--logging_steps", type=positive_int, default=10)

@@ -68,7 +68,7 @@ def training_arguments(args, output_dir, **overrides):
         seed=args.seed,
         data_seed=args.seed,
         remove_unused_columns=False,
-        train_sampling_strategy="group_by_length" if getattr(args, "group_by_length", False) else "random",
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         use_cpu=not cuda,
         bf16=bf16,
         fp16=prec == "fp16",
