@@ -12,6 +12,7 @@ Re-running resumes: a stage whose folder holds a finished run (or a results.json
 Sizes are chosen to finish within ~30 minutes on a 2-core CPU; see README for the figures.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -182,10 +183,11 @@ def main():
         print("\n".join(["", f"--- last lines of {log} ---", *tail]), file=sys.stderr)
         sys.exit(f"demo stopped: {job.name} failed (see {log}); re-run `make demo` to resume")
 
-    # wall seconds of each stage run this time (skipped stages are absent), for README's figures
-    save_json(os.path.join(args.out, "timings.json"), {"stages_s": {k: round(v, 1) for k, v in seconds.items()},
-                                                        "jobs": args.jobs, "threads_per_job": threads,
-                                                        "wall_s": round(time.time() - t0, 1)})
+    # wall seconds of each stage (a resumed run keeps the figures of the stages it skipped), for README's figures
+    timings = os.path.join(args.out, "timings.json")
+    earlier = json.load(open(timings))["stages_s"] if os.path.exists(timings) else {}
+    save_json(timings, {"stages_s": {**earlier, **{k: round(v, 1) for k, v in seconds.items()}},
+                        "jobs": args.jobs, "threads_per_job": threads, "last_run_wall_s": round(time.time() - t0, 1)})
     results = [j.output for j in jobs if j.output.endswith("results.json")]
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tables.py"), *results,
                     f"--out={os.path.join(args.out, 'table')}"], cwd=ROOT, check=True)

@@ -93,6 +93,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_llama, sst2_dir):
     said = again.stdout + again.stderr
     skipped = next(line for line in said.splitlines() if line.startswith("finished earlier, skipped:"))
     assert all(f"{m} eval" in skipped for m in stages) and " done in " not in said
+    with open(out / "timings.json") as f:
+        assert len(json.load(f)["stages_s"]) == 2 * len(stages) - 1  # the first run's figures are kept
 
 
 def test_demo_stops_with_the_failing_stage_named(tmp_path, tiny_llama):
