@@ -185,7 +185,10 @@ def main():
 
     # wall seconds of each stage (a resumed run keeps the figures of the stages it skipped), for README's figures
     timings = os.path.join(args.out, "timings.json")
-    earlier = json.load(open(timings))["stages_s"] if os.path.exists(timings) else {}
+    earlier = {}
+    if os.path.exists(timings):
+        with open(timings) as f:
+            earlier = json.load(f)["stages_s"]
     save_json(timings, {"stages_s": {**earlier, **{k: round(v, 1) for k, v in seconds.items()}},
                         "jobs": args.jobs, "threads_per_job": threads, "last_run_wall_s": round(time.time() - t0, 1)})
     results = [j.output for j in jobs if j.output.endswith("results.json")]

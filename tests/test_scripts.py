@@ -67,14 +67,19 @@ def test_table5_runs_end_to_end(env, tiny_llama):
     assert os.path.exists(os.path.join(d, "table.md"))
 
 
+def demo(*args):
+    """scripts/demo.py at the smoke scale (a step or two per stage)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--scale", "smoke", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_llama, sst2_dir):
     """scripts/demo.py at --scale smoke on the tiny model: every stage ends in the table, two at a time;
     a second run finds every stage finished and only rebuilds the table."""
     out = tmp_path / "demo"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--model", tiny_llama, "--data_dir", sst2_dir,
-           "--scale", "smoke", "--out", str(out), "--methods", "gradient_ascent_descent", "--jobs", "2"]
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    args = ["--model", tiny_llama, "--data_dir", sst2_dir, "--out", out, "--methods", "gradient_ascent_descent", "--jobs", 2]
+    first = demo(*args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     stages = ("vanilla", "qlora", "retrained", "spul", "gradient_ascent_descent", "eco")
     for m in stages:
@@ -88,7 +93,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_llama, sst2_dir):
         assert json.load(f)["max_steps"] == 2  # the smoke scale reached the stage
     with open(out / "timings.json") as f:
         assert set(json.load(f)["stages_s"]) == {*stages[1:], *(f"{m} eval" for m in stages)}
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = demo(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr
     skipped = next(line for line in said.splitlines() if line.startswith("finished earlier, skipped:"))
@@ -98,10 +103,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_llama, sst2_dir):
 
 
 def test_demo_stops_with_the_failing_stage_named(tmp_path, tiny_llama):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--model", tiny_llama,
-                           "--data_dir", str(tmp_path / "missing"), "--scale", "smoke", "--out", str(tmp_path / "d"),
-                           "--skip", "vanilla,retrained,baselines,eco", "--jobs", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = demo("--model", tiny_llama, "--data_dir", tmp_path / "missing", "--out", tmp_path / "d",
+                "--skip", "vanilla,retrained,baselines,eco", "--jobs", 1)
     assert proc.returncode != 0
     assert "demo stopped: qlora failed" in proc.stderr and "Traceback" not in proc.stderr
     assert "missing" in proc.stderr  # the stage's own one-line error, from its log

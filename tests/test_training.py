@@ -6,10 +6,9 @@ import torch
 from transformers import Trainer
 
 from utils.cli import add_training_args
+from utils.methods import FORGET, RETAIN
 from utils.prompts import IGNORE, LeftPadCollator
 from utils.training import training_arguments
-
-FORGET, RETAIN = 1, 0
 
 
 def rows():
