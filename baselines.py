@@ -13,48 +13,53 @@ Methods (objectives in utils/methods.py; rows they train on in brackets):
   npo                      negative preference optimisation against the original   [forget]
   npo_rt                   NPO + w·retain cross-entropy                            [forget, retain]
 
-All LLM weights of the merged QLoRA model are trained (the paper's setting); --lora trains a LoRA
-adapter instead (its reference is the model with the adapter switched off). Writes the unlearned
-model (or adapter), the tokenizer, arguments.json and training_log.json (each loss term per
-logging step). 7B models on one 40 GB GPU: see docs/baselines.md.
+All LLM weights of the merged QLoRA model (or of a pre-trained model) are trained (the paper's setting),
+in mixed precision: fp32 master weights, bf16 autocast where --precision is bf16 (the default on a GPU
+that has it); --pure_bf16 keeps the weights themselves in bf16, where small updates round away. --lora
+trains a LoRA adapter instead (its reference is the model with the adapter switched off). Writes the
+unlearned model (or adapter), the tokenizer, arguments.json and training_log.json (each loss term per
+logging step). 7B models on one 40 GB GPU: DeepSpeed ZeRO with the optimiser on the CPU
+(configs/zero2_offload.yaml), see docs/baselines.md.
 """
-import argparse
 import copy
 import os
 
-from utils.cli import (UserError, add_data_args, add_model_args, add_training_args, check_training_args,
-                       positive_int, run_main, set_seed)
+from utils.cli import (UserError, add_bool, add_data_args, add_model_args, add_training_args, check_training_args,
+                       comma_list, make_parser, nonneg_float, positive_float, positive_int, run_main, set_seed, unit_interval)
 from utils.methods import BASELINES, METHODS
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_checkpoints", required=True, help="the folder qlora.py wrote")
+    p = make_parser(__doc__)
+    p.add_argument("--model_checkpoints", required=True,
+                   help="the folder qlora.py wrote, or a pre-trained model (hub id, model folder, smollm2-135m)")
     p.add_argument("--unlearn_method", required=True, metavar="METHOD", help="one of: " + ", ".join(BASELINES))
-    add_data_args(p)
+    add_data_args(p, child=True)
     add_model_args(p)
     add_training_args(p, lr=1e-4, epochs=1, warmup=0.05)
     g = p.add_argument_group("unlearning")
+    add_bool(g, "--pure_bf16", help="keep the trained weights in bf16 (no fp32 master copy): half the memory, but "
+                                    "updates smaller than a weight's bf16 spacing are lost")
     g.add_argument("--optim", default="adamw_torch",
-                   help="transformers optimiser name, e.g. paged_adamw_8bit or adafactor for 7B models on 40 GB (docs/baselines.md)")
+                   help="transformers optimiser name, e.g. paged_adamw_8bit or adafactor (docs/baselines.md)")
     g.add_argument("--generic_labels", default="neutral,unknown", help="labels for random_label and LLMU's mismatch term")
     g.add_argument("--kl_reference", choices=["cache", "online"], default="cache",
                    help="cache: the original model's top-k label distribution and completion log-prob, computed once "
                         "before training; online: a frozen copy of the model (or the adapter switched off) every step")
     g.add_argument("--kl_topk", type=positive_int, default=32, help="k of the compact KL cache")
     g = p.add_argument_group("LoRA instead of full fine-tuning")
-    g.add_argument("--lora", action="store_true", help="train a LoRA adapter on the merged model instead of all its weights")
+    add_bool(g, "--lora", help="train a LoRA adapter on the merged model instead of all its weights")
     g.add_argument("--lora_rank", type=positive_int, default=16)
     g.add_argument("--lora_alpha", type=positive_int, default=64)
-    g.add_argument("--lora_dropout", type=float, default=0.1)
+    g.add_argument("--lora_dropout", type=unit_interval, default=0.1)
     g.add_argument("--target_modules", default=None, help="comma-separated module names (default: the attention q/v projections)")
     g = p.add_argument_group("LLMU weights")
-    g.add_argument("--llmu_ga_weight", type=float, default=0.5, help="gradient ascent on forget rows (default 0.5, as Yao et al.)")
-    g.add_argument("--llmu_rl_weight", type=float, default=1.0, help="generic-label cross-entropy on forget rows")
-    g.add_argument("--llmu_kl_weight", type=float, default=1.0, help="KL to the original model on retain rows")
+    g.add_argument("--llmu_ga_weight", type=nonneg_float, default=0.5, help="gradient ascent on forget rows (0.5, as Yao et al.)")
+    g.add_argument("--llmu_rl_weight", type=nonneg_float, default=1.0, help="generic-label cross-entropy on forget rows")
+    g.add_argument("--llmu_kl_weight", type=nonneg_float, default=1.0, help="KL to the original model on retain rows")
     g = p.add_argument_group("NPO")
-    g.add_argument("--npo_beta", type=float, default=0.1, help="β of NPO (default 0.1, as Zhang et al.)")
-    g.add_argument("--npo_retain_weight", type=float, default=1.0, help="weight of the retain cross-entropy of npo_rt")
+    g.add_argument("--npo_beta", type=positive_float, default=0.1, help="β of NPO (0.1, as Zhang et al.)")
+    g.add_argument("--npo_retain_weight", type=nonneg_float, default=1.0, help="weight of the retain cross-entropy of npo_rt")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -64,10 +69,13 @@ def check_args(args):
     check_training_args(args)
     if args.unlearn_method not in BASELINES:
         raise UserError(f"unknown --unlearn_method '{args.unlearn_method}': choose one of {', '.join(BASELINES)}")
-    if args.npo_beta <= 0:
-        raise UserError(f"--npo_beta must be positive, got {args.npo_beta}")
-    if not os.path.isdir(args.model_checkpoints):
-        raise UserError(f"--model_checkpoints {args.model_checkpoints} does not exist (give the folder qlora.py wrote)")
+    if args.precision == "fp16" and not args.lora:
+        raise UserError("--precision fp16 cannot train all weights (fp16 weights lose small updates and overflow); "
+                        "use bf16 or fp32, or --lora")
+    if args.pure_bf16 and args.lora:
+        raise UserError("--pure_bf16 is for full fine-tuning; a LoRA adapter is trained in fp32 anyway")
+    if args.pure_bf16 and args.precision == "fp32":
+        raise UserError("--pure_bf16 contradicts --precision fp32")
 
 
 def method_weights(args):
@@ -77,11 +85,6 @@ def method_weights(args):
     if args.unlearn_method in ("npo", "npo_rt"):
         return {"npo_beta": args.npo_beta, "retain_weight": args.npo_retain_weight}
     return {}
-
-
-def default_output(args):
-    parent = os.path.dirname(os.path.normpath(args.model_checkpoints)) or "."
-    return os.path.join(parent, f"baseline-{args.unlearn_method}{'-lora' if args.lora else ''}-lr{args.lr:g}-f{args.forget_size}")
 
 
 def add_lora(lm, args):
@@ -101,32 +104,50 @@ def main(argv=None):
     args = parse_args(argv)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")  # also the reference-cache pass
+    import torch
+
     from utils.data import training_splits
     from utils.methods import build_training_rows
-    from utils.modeling import count_trainable, device, load_merged_model, load_tokenizer, resolve_dtype
+    from utils.modeling import count_trainable, load_tokenizer, resolve_dtype
     from utils.prompts import LeftPadCollator, PromptEncoder
-    from utils.reference import fill_reference_cache, make_reference
-    from utils.runs import prepare_output_dir, save_arguments
+    from utils.reference import ReferenceCache, make_reference, store_path
+    from utils.runs import default_output, finish_run, inherit, prepare_run, remove_checkpoints, save_arguments, short_name
+    from utils.stages import load_start_model, start_point
     from utils.training import TailLM, TailLossTrainer, enable_gradient_checkpointing, train, training_arguments
 
-    set_seed(args.seed)
     method = METHODS[args.unlearn_method]
-    out = args.output_path or default_output(args)
-
-    # data (checked before any model is loaded)
+    # the model it starts from and the data, checked before any model is loaded
+    parent = start_point(args.model_checkpoints, "baselines.py")
+    if os.path.isdir(args.model_checkpoints):
+        args.model_checkpoints = os.path.abspath(args.model_checkpoints)
+    inherit(args, parent, args.model_checkpoints)
     data = training_splits(args)
-    tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
-    encoder = PromptEncoder(tokenizer, args.max_length, generic_labels=args.generic_labels.split(","))
-    rows = build_training_rows(encoder, data, args.unlearn_method, args.seed)
+    args.label_words = ",".join(data.label_words)
+    base_name = parent.get("model_name", args.model_checkpoints)
+    out = args.output_path or default_output(
+        f"baseline-{args.unlearn_method}{'-lora' if args.lora else ''}", args, base_name, f"lr{args.lr:g}-f{args.forget_size}")
+    mode = prepare_run(out, args, "baseline")
+    if mode == "done":
+        return
     try:
-        targs = training_arguments(args, out, optim=args.optim)
+        set_seed(args.seed)
+        targs = training_arguments(args, out, optim=args.optim)  # sets up the processes and each one's device
     except (ValueError, ImportError) as e:  # unknown --optim, bitsandbytes missing, ...
         raise UserError(f"bad training arguments: {str(e).splitlines()[0][:300]}")
-    prepare_output_dir(out, args.overwrite)
-    save_arguments(out, args, stage="baseline", output_path=out)
+    tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
+    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words,
+                            generic_labels=comma_list(args.generic_labels))
+    rows = build_training_rows(encoder, data, args.unlearn_method, args.seed)
+    counts = dict(model_name=base_name, n_train_rows=len(rows), n_train_forget=len(data["train_forget"]),
+                  n_train_retain=len(data["train_retain"]))
+    save_arguments(out, args, stage="baseline", output_path=out, **counts)
 
-    # model: the merged QLoRA model, all weights trainable (or a LoRA adapter on it)
-    lm, qlora_info = load_merged_model(args.model_checkpoints, dtype=resolve_dtype(args.precision))
+    # model: all weights trainable, fp32 master weights unless --pure_bf16 (or a LoRA adapter on it)
+    weights_dtype = torch.bfloat16 if args.pure_bf16 else (resolve_dtype(args.precision) if args.lora else torch.float32)
+    if args.pure_bf16:
+        print("warning: --pure_bf16: the weights are trained in bf16; updates below a weight's bf16 spacing "
+              "(~0.4 % of its size) are lost", flush=True)
+    lm, _ = load_start_model(args.model_checkpoints, dtype=weights_dtype, device=targs.device)
     reference_lm = None
     if args.lora:
         lm = add_lora(lm, args)
@@ -141,25 +162,36 @@ def main(argv=None):
           f"{len(rows)} training rows")
 
     collator = LeftPadCollator(tokenizer.pad_token_id)
+    cache = None
     if method.needs_reference and args.kl_reference == "cache":
-        # Before the first step the model is the reference (for --lora: the adapter is switched off).
-        model.to(device())
-        fill_reference_cache(model, rows, collator, k=args.kl_topk, batch_size=args.eval_batch_size, device=device())
+        # The weights change from the first step: every reference row is computed before it, while the model
+        # (for --lora: with the adapter switched off) is still the original. Rows an earlier run on the same
+        # model computed are read from disk; several processes split the rest.
+        need = [r for r in rows if r["role"] in method.reference_roles]
+        cache = ReferenceCache(rows, args.kl_topk, store_path(args.model_checkpoints, args.kl_topk, weights_dtype))
+        model.to(targs.device)
+        cache.fill(model, need, collator, args.eval_batch_size, targs.device, quiet=args.quiet)
+        cache.save()
+        print(f"reference cache: {len(need):,} rows ({cache.reused:,} read from {cache.path})")
 
     trainer = TailLossTrainer(
         model=model, args=targs, train_dataset=rows, data_collator=collator, objective=method.objective,
-        reference=make_reference(args.kl_reference) if method.needs_reference else None, weights=method_weights(args))
-    train(trainer)  # a NaN/inf loss raises NonFiniteLoss; the training log is written either way
+        reference=make_reference(args.kl_reference, cache) if method.needs_reference else None, weights=method_weights(args))
+    train(trainer, resume=mode == "resume")  # a NaN/inf loss raises NonFiniteLoss; the training log is written either way
 
     if trainer.is_world_process_zero():
         lm.config.use_cache = True  # gradient checkpointing switched it off
         lm.save_pretrained(out)  # the full unlearned model, or the LoRA adapter alone with --lora
         tokenizer.save_pretrained(out)
-        save_arguments(out, args, finished=True, stage="baseline", output_path=out, model_name=qlora_info["model_name"],
-                       trainable_parameters=n_trainable, n_train_rows=len(rows),
-                       n_train_forget=len(data["train_forget"]), n_train_retain=len(data["train_retain"]),
+        save_arguments(out, args, finished=True, stage="baseline", output_path=out, **counts, trainable_parameters=n_trainable,
+                       reference_cache=cache.describe() if cache else None,
                        train_runtime_s=trainer.state.log_history[-1].get("train_runtime"))
+        if not args.keep_checkpoints:
+            remove_checkpoints(out)
         print(f"saved the unlearned {'adapter' if args.lora else 'model'} to {out}")
+        finish_run(out, f"{args.unlearn_method} unlearning of {args.model_checkpoints} ({short_name(base_name)}): "
+                        f"{'a LoRA adapter' if args.lora else 'the whole model'}.",
+                   [f"python inference_spul.py --model_checkpoints={out}"])
 
 
 if __name__ == "__main__":

@@ -15,24 +15,26 @@
 No LLM weight changes. Writes classifier.joblib, eco.json (σ, threshold, search log), classifier.json,
 the tokenizer and arguments.json (stage "eco"); utils.eco.load_eco_model reloads the folder.
 """
-import argparse
 import os
 
-from utils.cli import UserError, add_data_args, add_model_args, positive_int, run_main, set_seed
+from utils.cli import (UserError, add_data_args, add_model_args, add_run_args, make_parser, positive_int, run_main,
+                       set_seed)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_checkpoints", required=True, help="the folder qlora.py wrote")
-    add_data_args(p)
+    p = make_parser(__doc__)
+    p.add_argument("--model_checkpoints", required=True,
+                   help="the folder qlora.py wrote, or a pre-trained model (hub id, model folder, smollm2-135m)")
+    add_data_args(p, child=True)
     add_model_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42, help="seeds the held-out slice, the search subset and the noise")
-    g.add_argument("--output_path", default=None, help="output folder (default: eco-<corruption> beside --model_checkpoints)")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --output_path")
-    g.add_argument("--batch_size", type=positive_int, default=32, help="rows per forward pass")
+    add_run_args(g)
+    g.add_argument("--eval_batch_size", "--batch_size", dest="eval_batch_size", type=positive_int, default=32,
+                   help="rows per forward pass")
+    g.add_argument("--max_eval_rows", type=positive_int, default=None,
+                   help="cap on the test rows the classifier's precision and recall are measured on (seeded draw)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA if supported, else fp32")
-    g.add_argument("--quiet", action="store_true", help="no progress bars, no line per σ-search step")
     g = p.add_argument_group("ECO classifier")
     g.add_argument("--target_fpr", type=float, default=0.05, help="false-positive rate on held-out retain rows the threshold is set for")
     g.add_argument("--holdout_fraction", type=float, default=0.2, help="slice of the training rows kept out of the fit to choose the threshold on")
@@ -61,31 +63,36 @@ def main():
     import numpy as np
 
     from utils import eco
-    from utils.data import load_splits, sample_rows, training_splits
+    from utils.data import data_kwargs, load_splits, sample_rows, training_splits
     from utils.evaluation import predict_rows
-    from utils.modeling import device, load_merged_model, load_tokenizer, read_arguments, resolve_dtype
+    from utils.modeling import device, load_tokenizer, resolve_dtype
     from utils.prompts import PromptEncoder
-    from utils.runs import prepare_output_dir, save_arguments, save_json
+    from utils.runs import default_output, finish_run, inherit, prepare_run, save_arguments, save_json
+    from utils.stages import load_start_model, start_point
 
     set_seed(args.seed)
-    stage = read_arguments(args.model_checkpoints).get("stage")
-    if stage != "qlora":  # fail before any data or model is loaded
-        raise UserError(f"{args.model_checkpoints} was written by {stage}, not by qlora.py: ECO runs on the qlora.py model")
-    out = args.output_path or os.path.join(os.path.dirname(os.path.normpath(args.model_checkpoints)) or ".",
-                                           f"eco-{args.corruption}-fpr{args.target_fpr}")
-    run = dict(batch_size=args.batch_size, device=device(), quiet=args.quiet)
+    # the model it starts from and the data, checked before any model is loaded
+    parent = start_point(args.model_checkpoints, "eco.py")
+    if os.path.isdir(args.model_checkpoints):
+        args.model_checkpoints = os.path.abspath(args.model_checkpoints)
+    inherit(args, parent, args.model_checkpoints)
+    base_name = parent.get("model_name", args.model_checkpoints)
+    run = dict(batch_size=args.eval_batch_size, device=device(), quiet=args.quiet)
 
     # data: the training splits fit the classifier and σ; the test splits only measure the classifier
     data = training_splits(args)
+    args.label_words = ",".join(data.label_words)
     test = {s: sample_rows(r, args.max_eval_rows, args.seed)
-            for s, r in load_splits(args.dataset, args.data_dir, ("test_retain", "test_forget")).items()}
+            for s, r in load_splits(splits=("test_retain", "test_forget"), **data_kwargs(args)).items()}
+    out = args.output_path or default_output("eco", args, base_name, f"{args.corruption}-fpr{args.target_fpr}")
+    if prepare_run(out, args, "eco") == "done":
+        return
     tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
-    encoder = PromptEncoder(tokenizer, args.max_length)
-    prepare_output_dir(out, args.overwrite)
-    save_arguments(out, args, stage="eco", output_path=out)
+    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words)
+    save_arguments(out, args, stage="eco", output_path=out, model_name=base_name)
 
-    # model: the merged qlora model, frozen, behind the ECO gate
-    lm, qlora_info = load_merged_model(args.model_checkpoints, dtype=resolve_dtype(args.precision))
+    # model: the model it starts from, frozen, behind the ECO gate
+    lm, _ = load_start_model(args.model_checkpoints, dtype=resolve_dtype(args.precision), device=device())
     lm.requires_grad_(False)
     d = lm.get_input_embeddings().weight.shape[1]
     if args.eco_dims is not None and args.eco_dims > d:
@@ -131,11 +138,13 @@ def main():
     cfg = eco.save_eco(out, clf, model.corruption, args.feature_layer, embedding_rms=scale if not integer else None,
                        search=search, retain_agreement=retain_agreement)
     tokenizer.save_pretrained(out)
-    save_arguments(out, args, finished=True, stage="eco", output_path=out, model_name=qlora_info["model_name"],
+    save_arguments(out, args, finished=True, stage="eco", output_path=out, model_name=base_name,
                    strength=strength, sigma=None if integer else strength, threshold=clf.threshold,
                    classifier_test=report, n_train_forget=len(data["train_forget"]),
                    n_train_retain=len(data["train_retain"]), trainable_parameters=0)
     print(f"saved the ECO classifier and {cfg['corruption']} strength to {out}")
+    finish_run(out, f"ECO prompt classifier and corruption strength for the frozen model of {args.model_checkpoints}.",
+               [f"python inference_spul.py --model_checkpoints={out}"])
 
 
 if __name__ == "__main__":

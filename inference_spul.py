@@ -13,38 +13,42 @@ tokens, label word matched); it is on by default for a pre-trained model only.
 
 Writes results.json into the checkpoint folder (under runs/ for a pre-trained model) or --output_path,
 and prints the table in the paper's layout. Data settings the stage trained with (--dataset, --data_dir,
---forget_size, --max_length) are reused unless given.
+--forget_size, --max_length, the row caps) are reused unless given. Results of other settings are never
+replaced without --overwrite; --resume reuses results of the same settings.
 """
-import argparse
 import os
 import sys
 import time
 
-from utils.cli import UserError, add_data_args, add_model_args, positive_int, run_main, set_seed, str2bool
+from utils.cli import (UserError, add_bool, add_data_args, add_model_args, make_parser, positive_int, run_main,
+                       set_seed, str2bool)
 
 SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--model_checkpoints", required=True,
                    help="a stage folder (qlora/spul/baselines/eco) or a pre-trained model (hub id, folder, smollm2-135m)")
-    add_data_args(p)
+    add_data_args(p, child=True)
     add_model_args(p)
     # None = take the value the stage trained with (arguments.json), else the usual default
-    p.set_defaults(dataset=None, forget_size=None, max_length=None)
+    p.set_defaults(forget_size=None)
     g = p.add_argument_group("evaluation")
     g.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to evaluate (default: all four)")
-    g.add_argument("--eval_batch_size", type=positive_int, default=32, help="rows per forward pass (default 32)")
+    g.add_argument("--max_eval_rows", type=positive_int, default=None, help="cap on rows per split (seeded draw)")
+    g.add_argument("--eval_batch_size", type=positive_int, default=32, help="rows per forward pass")
     g.add_argument("--generate", type=str2bool, nargs="?", const=True, default=None,
                    help="also score by greedy generation, the paper's protocol for the pre-trained model "
                         "(default: on for a pre-trained model, off otherwise)")
-    g.add_argument("--max_new_tokens", type=positive_int, default=5, help="tokens generated per answer with --generate (default 5)")
+    g.add_argument("--max_new_tokens", type=positive_int, default=5, help="tokens generated per answer with --generate")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA if supported, else fp32")
     g.add_argument("--output_path", default=None,
                    help="results file (*.json) or folder for results.json (default: the checkpoint folder; runs/ for a pre-trained model)")
     g.add_argument("--seed", type=int, default=42, help="seed of the --max_eval_rows draw")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_bool(g, "--overwrite", help="replace results computed with other settings")
+    add_bool(g, "--resume", help="keep results already computed with the same settings (print them, compute nothing)")
+    add_bool(g, "--quiet", help="no progress bars")
     args = p.parse_args(argv)
     args.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     bad = [s for s in args.splits if s not in SPLITS]
@@ -53,41 +57,38 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_data_settings(args, trained):
-    """Fill the data flags the user left out with the stage's own (its arguments.json), else defaults."""
-    args.dataset = args.dataset or trained.get("dataset") or "sst2"
-    if args.data_dir is None and trained.get("data_dir") and trained.get("dataset", args.dataset) == args.dataset \
-            and os.path.isdir(trained["data_dir"]):
-        args.data_dir = trained["data_dir"]
-    args.forget_size = args.forget_size or trained.get("forget_size") or 1.0
-    args.max_length = args.max_length or trained.get("max_length") or 1024
-    # the training caps decide which train_* rows the stage saw: train_forget must be exactly the unlearned rows
-    args.max_forget = args.max_forget or trained.get("max_forget")
-    args.max_retain = args.max_retain or trained.get("max_retain")
-    args.train_seed = trained.get("seed", args.seed)
-    return args
+def resolve_data_settings(args, trained, name):
+    """Fill the data flags the user left out with the stage's own (its arguments.json), else defaults. The
+    train_* rows are exactly the rows the stage trained on: its forget size, row caps and data seed."""
+    from utils.runs import inherit
+
+    if args.forget_size is None:
+        args.forget_size = trained.get("forget_size") or 1.0
+    return inherit(args, trained, name, quiet=True)
 
 
 def load_eval_splits(args):
     """The evaluation rows: train_forget and train_retain are the rows the stage trained on (--forget_size
     drawn with seed 42, then the --max_forget / --max_retain caps with the training seed, as
     utils.data.select_training_rows does); --max_eval_rows draws a seeded subset of every split."""
-    from utils.data import load_splits, sample_rows, select_training_rows
+    from utils.data import Splits, data_kwargs, load_splits, sample_rows, select_training_rows
 
-    data = load_splits(args.dataset, args.data_dir, args.splits)
-    data = select_training_rows(data, args.forget_size, args.max_forget, args.max_retain, args.train_seed)
-    return {s: sample_rows(rows, args.max_eval_rows, args.seed) for s, rows in data.items()}
+    data = load_splits(splits=args.splits, **data_kwargs(args))
+    data = select_training_rows(data, args.forget_size, args.max_forget, args.max_retain, args.data_seed)
+    out = Splits({s: sample_rows(rows, args.max_eval_rows, args.seed) for s, rows in data.items()})
+    out.label_words = data.label_words
+    return out
 
 
-def default_output(args, info):
+def default_output(args, trained):
     from utils.runs import short_name
 
     if args.output_path:
         return args.output_path if args.output_path.endswith(".json") else os.path.join(args.output_path, "results.json")
-    if info["checkpoint"]:
-        return os.path.join(info["checkpoint"], "results.json")
+    if trained:
+        return os.path.join(args.model_checkpoints, "results.json")
     tag = f"-f{args.forget_size}" if args.forget_size != 1.0 else ""
-    return os.path.join("runs", f"vanilla-{args.dataset}-{short_name(info['model'])}{tag}", "results.json")
+    return os.path.join("runs", f"vanilla-{args.dataset}-{short_name(args.model_checkpoints)}{tag}", "results.json")
 
 
 def format_table(res):
@@ -121,14 +122,29 @@ def main():
                                   mia_auc, predict_rows)
     from utils.modeling import device, resolve_dtype
     from utils.prompts import PromptEncoder
-    from utils.runs import save_json
+    from utils.runs import read_json, save_json, settings_diff, settings_of
     from utils.stages import load_stage, stage_arguments
 
     set_seed(args.seed)
     # data first (settings the stage trained with): mistakes cost seconds, not a model load
     trained = stage_arguments(args.model_checkpoints)
-    resolve_data_settings(args, trained)
+    if trained:
+        args.model_checkpoints = os.path.abspath(args.model_checkpoints)
+    resolve_data_settings(args, trained, args.model_checkpoints)
     data = load_eval_splits(args)
+    args.label_words = ",".join(data.label_words)
+    settings = settings_of(args)
+    out = default_output(args, trained)
+    old = read_json(out)
+    if old is not None:
+        diff = settings_diff(old.get("settings", {}), settings)
+        if not diff and args.resume:
+            print(format_table(old))
+            print(f"{out} holds results of these settings: kept (--overwrite computes them again)")
+            return
+        if diff and not args.overwrite:
+            raise UserError(f"{out} holds results of other settings ({', '.join(diff[:4])}); pass --overwrite to "
+                            f"replace them or --output_path to keep both")
 
     # model: whatever stage wrote the folder
     t0 = time.time()
@@ -136,7 +152,7 @@ def main():
     model, tokenizer, info = load_stage(args.model_checkpoints, dtype, args.set_pad_id)
     dev = device()
     model.to(dev)
-    encoder = PromptEncoder(tokenizer, args.max_length, **info["encoder_kwargs"])
+    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, **info["encoder_kwargs"])
     load_s = time.time() - t0
     generate = args.generate if args.generate is not None else info["method"] == "vanilla"
 
@@ -164,11 +180,14 @@ def main():
         "seconds": round(seconds, 2), "load_seconds": round(load_s, 2),
         "stage": info["stage"], "checkpoint": info["checkpoint"], "data_dir": args.data_dir,
         "max_eval_rows": args.max_eval_rows, "max_length": args.max_length, "seed": args.seed,
+        # for tables: runs that differ only by their training seed are one setting
+        "train_seed": trained.get("seed"),
+        "run_settings": {k: v for k, v in trained.get("settings", {}).items() if k != "seed"},
         "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "command": " ".join(sys.argv),
+        "settings": settings,
     }
     if generate:
         res["generation"] = generation
-    out = default_output(args, info)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     save_json(out, res)
     print(format_table(res))

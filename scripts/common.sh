@@ -8,6 +8,12 @@ DATASET=${DATASET:-sst2}
 DATA_DIR=${DATA_DIR:-}                 # local split files instead of the hub dataset
 OUT=${OUT:-runs}
 LAUNCH=${LAUNCH:-python}              # "accelerate launch" (or torchrun) for several GPUs
+# Full fine-tuning baselines of a 7B model on one 40 GB GPU: ZERO_OFFLOAD=1 runs them under DeepSpeed ZeRO-2 with
+# the optimiser on the CPU (configs/zero2_offload.yaml; pip install deepspeed). BASELINE_LAUNCH overrides.
+if [ -n "${ZERO_OFFLOAD:-}" ]; then
+  BASELINE_LAUNCH=${BASELINE_LAUNCH:-accelerate launch --config_file configs/zero2_offload.yaml}
+fi
+BASELINE_LAUNCH=${BASELINE_LAUNCH:-$LAUNCH}
 EXTRA=${EXTRA:-}                      # extra flags for every training stage (caps, --max_steps, ...)
 QLORA_EXTRA=${QLORA_EXTRA:-}          # extra flags for qlora.py only (e.g. --quantization=none)
 EVAL_EXTRA=${EVAL_EXTRA:-}            # extra flags for every evaluation (e.g. --max_eval_rows=500)
@@ -20,49 +26,40 @@ data_flags() {
   if [ -n "$DATA_DIR" ]; then echo "--data_dir=$DATA_DIR"; else echo "--dataset=$DATASET"; fi
 }
 
-# qlora OUTDIR: fine-tune MODEL on the whole training set (skipped when finished)
+# Every stage runs with --resume: a finished run with the same settings is kept, an unfinished one continues
+# from its last checkpoint, and a folder holding a run of other settings stops the recipe with a one-line error
+# naming the difference (nothing is replaced unless you delete it or pass --overwrite in EXTRA).
+
+# qlora OUTDIR: fine-tune MODEL on the whole training set
 qlora() {
   local out=$1; shift
   local epochs=${QLORA_EPOCHS:-$([ "$DATASET" = yelp ] && echo 2 || echo 10)}
-  if ! finished "$out"; then
-    $LAUNCH qlora.py $(data_flags) --model_name="$MODEL" --max_length="$MAX_LENGTH" --set_pad_id --lr=1e-4 \
-      --train_batch_size=32 --num_epochs="$epochs" --weight_decay=0.001 --lora_rank=16 --lora_alpha=64 \
-      --lora_dropout=0.1 --output_path="$out" --overwrite $EXTRA $QLORA_EXTRA "$@"
-  fi
+  $LAUNCH qlora.py $(data_flags) --model_name="$MODEL" --max_length="$MAX_LENGTH" --set_pad_id --lr=1e-4 \
+    --train_batch_size=32 --num_epochs="$epochs" --weight_decay=0.001 --lora_rank=16 --lora_alpha=64 \
+    --lora_dropout=0.1 --output_path="$out" --resume $EXTRA $QLORA_EXTRA "$@"
 }
 
-# spul QLORA_DIR OUTDIR [flags]: soft-prompt unlearning (skipped when finished)
+# spul QLORA_DIR OUTDIR [flags]: soft-prompt unlearning (data settings follow the qlora folder)
 spul() {
   local q=$1 out=$2; shift 2
-  if ! finished "$out"; then
-    $LAUNCH spul.py $(data_flags) --model_checkpoints="$q" --max_length="$MAX_LENGTH" --set_pad_id --lr=1e-4 \
-      --train_batch_size=32 --num_epochs="$SPUL_EPOCHS" --weight_decay=0.001 --output_path="$out" --overwrite $EXTRA "$@"
-  fi
+  $LAUNCH spul.py --model_checkpoints="$q" --set_pad_id --lr=1e-4 --train_batch_size=32 --num_epochs="$SPUL_EPOCHS" \
+    --weight_decay=0.001 --output_path="$out" --resume $EXTRA "$@"
 }
 
-# baseline QLORA_DIR OUTDIR METHOD [flags]: fine-tuning baseline, 1 epoch (skipped when finished)
+# baseline QLORA_DIR OUTDIR METHOD [flags]: fine-tuning baseline, 1 epoch
 baseline() {
   local q=$1 out=$2 method=$3; shift 3
-  if ! finished "$out"; then
-    $LAUNCH baselines.py $(data_flags) --model_checkpoints="$q" --max_length="$MAX_LENGTH" --set_pad_id \
-      --lr="$BASELINE_LR" --train_batch_size=32 --num_epochs=1 --weight_decay=0.001 --unlearn_method="$method" \
-      --output_path="$out" --overwrite $EXTRA "$@"
-  fi
+  $BASELINE_LAUNCH baselines.py --model_checkpoints="$q" --set_pad_id --lr="$BASELINE_LR" --train_batch_size=32 \
+    --num_epochs=1 --weight_decay=0.001 --unlearn_method="$method" --output_path="$out" --resume $EXTRA "$@"
 }
 
-# evaluate CHECKPOINT [OUTDIR] [flags]: the four splits, paper protocol (skipped when results exist)
+# evaluate CHECKPOINT [OUTDIR] [flags]: the four splits, paper protocol (results of the same settings are kept)
 evaluate() {
   local ckpt=$1; shift
-  local res="$ckpt/results.json" outflag=()
-  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then res="$1/results.json"; outflag=(--output_path="$1"); shift; fi
-  if [ ! -f "$res" ]; then
-    python inference_spul.py $(data_flags) --model_checkpoints="$ckpt" --max_length="$MAX_LENGTH" --set_pad_id \
-      "${outflag[@]}" $EVAL_EXTRA "$@"
-  fi
-}
-
-finished() {
-  [ -f "$1/arguments.json" ] && python -c "import json,sys; sys.exit(0 if json.load(open('$1/arguments.json')).get('finished') else 1)"
+  local outflag=() data=()
+  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then outflag=(--output_path="$1"); shift; fi
+  if [ ! -f "$ckpt/arguments.json" ]; then data=($(data_flags) --max_length="$MAX_LENGTH"); fi   # a pre-trained model: no stage to follow
+  python inference_spul.py "${data[@]}" --model_checkpoints="$ckpt" --set_pad_id "${outflag[@]}" --resume $EVAL_EXTRA "$@"
 }
 
 tables() {  # tables OUTPREFIX RUN_DIRS...

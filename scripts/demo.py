@@ -8,10 +8,12 @@ Stages that do not depend on each other run side by side (--jobs, default 2 on a
 more cores, each with its share of the cores): on a 2-core CPU that is ~20 % more work per second
 than one stage on both cores, and it hides each process's start-up. Each stage's output goes to
 runs/demo/logs/STAGE.log; the terminal shows one progress bar over the stages.
-Re-running resumes: a stage whose folder holds a finished run (or a results.json) is skipped.
-Sizes are chosen to finish within ~30 minutes on a 2-core CPU; see README for the figures.
+Re-running resumes: every stage runs with --resume --overwrite, so a stage whose folder holds a finished
+run of the same settings is kept, an unfinished one continues from its last checkpoint, and one made with
+other settings (another --scale or --model_name, an edited recipe) is run again. Each scale writes to its
+own folder (runs/demo, runs/demo-smoke). Sizes are chosen to finish within ~30 minutes on a 2-core CPU;
+see README for the figures.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -22,10 +24,10 @@ from collections import deque
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from utils.cli import run_main  # noqa: E402
+from utils.cli import make_parser, positive_int, run_main  # noqa: E402
 from utils.data import default_data_dir  # noqa: E402
 from utils.methods import BASELINES  # noqa: E402
-from utils.runs import is_finished, save_json  # noqa: E402
+from utils.runs import read_json, save_json  # noqa: E402
 
 SCALES = {
     # The demo (CPU, ~30 min): qlora.py memorises 384 retain + 128 forget rows; SPUL unlearns the 128 forget
@@ -57,20 +59,23 @@ def flags(d):
     return [f"--{k}={v}" for k, v in d.items()]
 
 
+# a finished stage of the same settings is kept, anything else (other settings, unfinished) is redone or resumed
+REUSE = ["--resume", "--overwrite"]
+
+
+# what a stage prints when it keeps a finished run (or results) of the same settings
+KEPT = ("nothing to do", ": kept (")
+
+
 class Job:
     def __init__(self, name, script, args, after, output):
         self.name, self.script, self.args, self.after = name, script, list(args), set(after)
-        self.output = output  # a stage folder (finished run) or a results.json path: the job is done when it exists
-
-    def done(self):
-        if self.output.endswith(".json"):
-            return os.path.exists(self.output)
-        return is_finished(self.output)
+        self.output = output  # a stage folder or a results.json path
 
 
 def plan(args, scale):
     """The jobs in priority order (the longest chains first; evaluations fill the gaps)."""
-    out = args.out
+    out = args.output_path
     data = [f"--data_dir={args.data_dir}"] if args.data_dir else ["--dataset=sst2"]
     sizes, ev = flags(scale["sizes"]), flags({**scale["eval"], "max_length": scale["sizes"]["max_length"]})
     skip = set(filter(None, args.skip.split(",")))
@@ -78,15 +83,15 @@ def plan(args, scale):
 
     def stage(script, name, *a, after=("qlora",)):
         folder = os.path.join(out, name)
-        jobs.append(Job(name, script, [*data, *sizes, f"--output_path={folder}", "--overwrite", *a], after, folder))
-        evals.append(Job(f"{name} eval", "inference_spul.py", [*data, *ev, f"--model_checkpoints={folder}", "--quiet"],
+        jobs.append(Job(name, script, [*data, *sizes, f"--output_path={folder}", *REUSE, *a], after, folder))
+        evals.append(Job(f"{name} eval", "inference_spul.py", [*ev, f"--model_checkpoints={folder}", *REUSE, "--quiet"],
                          [name], os.path.join(folder, "results.json")))
 
     qlora = os.path.join(out, "qlora")
-    stage("qlora.py", "qlora", f"--model_name={args.model}", *flags(scale["qlora"]), after=())
+    stage("qlora.py", "qlora", f"--model_name={args.model_name}", *flags(scale["qlora"]), after=())
     stage("spul.py", "spul", f"--model_checkpoints={qlora}", *flags(scale["spul"]))
     if "retrained" not in skip:
-        stage("qlora.py", "retrained", f"--model_name={args.model}", "--train_on=retain", *flags(scale["qlora"]), after=())
+        stage("qlora.py", "retrained", f"--model_name={args.model_name}", "--train_on=retain", *flags(scale["qlora"]), after=())
     if "eco" not in skip:
         stage("eco.py", "eco", f"--model_checkpoints={qlora}", *flags(scale["eco"]),
               f"--max_eval_rows={scale['eval']['max_eval_rows']}")
@@ -94,8 +99,8 @@ def plan(args, scale):
         # top-token protocol only: greedy generation (the paper's vanilla protocol) costs 5 forwards a row on a CPU
         vanilla = os.path.join(out, "vanilla")
         evals.insert(0, Job("vanilla eval", "inference_spul.py",
-                            [*data, *sizes, *ev, f"--model_checkpoints={args.model}", f"--output_path={vanilla}",
-                             "--generate=false", "--quiet"], (), os.path.join(vanilla, "results.json")))
+                            [*data, *sizes, *ev, f"--model_checkpoints={args.model_name}", f"--output_path={vanilla}",
+                             "--generate=false", *REUSE, "--quiet"], (), os.path.join(vanilla, "results.json")))
     if "baselines" not in skip:
         for m in filter(None, args.methods.split(",")):
             stage("baselines.py", m, f"--model_checkpoints={qlora}", f"--unlearn_method={m}", *flags(scale["baseline"]))
@@ -104,16 +109,14 @@ def plan(args, scale):
 
 
 def run_jobs(jobs, n_jobs, log_dir, threads):
-    """Run `jobs` (skipping finished ones), at most n_jobs at a time, each after the jobs it needs."""
+    """Run `jobs`, at most n_jobs at a time, each after the jobs it needs. A stage that finds its finished run
+    (or results) of the same settings says so and stops at once: it counts as kept, not run."""
     from tqdm.auto import tqdm
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    done = {j.name for j in jobs if j.done()}
-    pending = deque(j for j in jobs if j.name not in done)
+    pending, done, kept = deque(jobs), set(), []
     running, failed, seconds, shown = {}, None, {}, None
-    bar = tqdm(total=len(jobs), initial=len(done), desc="demo", unit="stage", dynamic_ncols=True, mininterval=5)
-    if done:
-        tqdm.write(f"finished earlier, skipped: {', '.join(sorted(done))}")
+    bar = tqdm(total=len(jobs), desc="demo", unit="stage", dynamic_ncols=True, mininterval=5)
     while pending or running:
         while not failed and len(running) < n_jobs:
             job = next((j for j in pending if j.after <= done), None)
@@ -135,42 +138,50 @@ def run_jobs(jobs, n_jobs, log_dir, threads):
                 continue
             del running[name]
             log.close()
-            seconds[name] = time.time() - t0
-            if proc.returncode != 0 or not job.done():
+            if proc.returncode != 0:
                 failed = failed or (job, log.name)
-                tqdm.write(f"[{name}] FAILED after {seconds[name]:.0f} s; log: {log.name}")
+                tqdm.write(f"[{name}] FAILED after {time.time() - t0:.0f} s; log: {log.name}")
                 continue
             done.add(name)
             bar.update(1)
+            with open(log.name) as f:
+                if any(k in f.read() for k in KEPT):
+                    kept.append(name)
+                    continue
+            seconds[name] = time.time() - t0
             tqdm.write(f"[{name}] done in {seconds[name]:.0f} s")
         if failed and not running:
             break
     bar.close()
+    if kept:
+        print(f"finished earlier with the same settings, kept: {', '.join(kept)}")
     return failed, seconds
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p = make_parser(__doc__)
+    p.add_argument("--model_name", "--model", dest="model_name", default="smollm2-135m",
+                   help="hub id, local folder, or smollm2-135m (embedded)")
     p.add_argument("--data_dir", default=default_data_dir(), help="default: ../shared/data/sst2 when present, else the hub")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
+    p.add_argument("--output_path", "--out", dest="output_path", default=None,
+                   help="folder of every stage (default: runs/demo, runs/demo-<scale> for other scales)")
     p.add_argument("--methods", default=",".join(BASELINES), help="baselines to run (comma-separated)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip (vanilla, retrained, baselines, eco)")
     p.add_argument("--scale", choices=sorted(SCALES), default="demo",
                    help="demo: the sizes of README's table; smoke: a one-minute check that every stage runs")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="stages run side by side (default 2)")
+    p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="stages run side by side")
     args = p.parse_args()
-    if args.jobs < 1:
-        p.error("--jobs must be at least 1")
     bad = [m for m in filter(None, args.methods.split(",")) if m not in BASELINES]
     if bad:
         p.error(f"unknown method {', '.join(bad)} in --methods: choose from {', '.join(BASELINES)}")
+    args.output_path = args.output_path or os.path.join(ROOT, "runs", "demo" if args.scale == "demo" else f"demo-{args.scale}")
+    args.out = args.output_path
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     t0 = time.time()
 
     from utils.modeling import resolve_model
 
-    resolve_model(args.model)  # the embedded model is converted once here, not by stages started side by side
+    resolve_model(args.model_name)  # the embedded model is converted once here, not by stages started side by side
     jobs = plan(args, SCALES[args.scale])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(jobs)} stages, {args.jobs} at a time, {threads} thread(s) each; logs in {os.path.join(args.out, 'logs')}",
@@ -185,15 +196,12 @@ def main():
 
     # wall seconds of each stage (a resumed run keeps the figures of the stages it skipped), for README's figures
     timings = os.path.join(args.out, "timings.json")
-    earlier = {}
-    if os.path.exists(timings):
-        with open(timings) as f:
-            earlier = json.load(f)["stages_s"]
+    earlier = (read_json(timings) or {}).get("stages_s", {})
     save_json(timings, {"stages_s": {**earlier, **{k: round(v, 1) for k, v in seconds.items()}},
                         "jobs": args.jobs, "threads_per_job": threads, "last_run_wall_s": round(time.time() - t0, 1)})
     results = [j.output for j in jobs if j.output.endswith("results.json")]
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tables.py"), *results,
-                    f"--out={os.path.join(args.out, 'table')}"], cwd=ROOT, check=True)
+                    f"--output_path={os.path.join(args.out, 'table')}"], cwd=ROOT, check=True)
     print(f"\ndemo finished in {time.time() - t0:.0f} s; table in {os.path.join(args.out, 'table.md')}")
 
 

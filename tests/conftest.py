@@ -82,11 +82,11 @@ def write_split_dir(path, splits):
     return str(path)
 
 
-def run_script(script, *args, check=True, timeout=900):
+def run_script(script, *args, check=True, timeout=900, env=None):
     """Run a top-level script as a user would; return the CompletedProcess (stdout+stderr captured)."""
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

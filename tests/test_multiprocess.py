@@ -1,15 +1,11 @@
-"""spul.py as two processes on the CPU (torchrun → the Trainer's DDP over gloo), against one process.
+"""Several processes on the CPU (torchrun → the Trainer's DDP over gloo) train exactly the objective of one.
 
-What must match: with DDP each of the 2 ranks takes a per-device batch of b rows and the gradients
-are averaged, so one optimiser step is the mean of two b-row objectives. The single-process run
-that computes exactly that is batch b with --gradient_accumulation_steps 2 (the Trainer averages
-the two micro-batches' losses), not batch 2b: SPUL's terms are per-role means over the rows of a
-batch (a b-row batch without forget rows has L_f = 0), so the 2b objective is a different number.
-Same seed, same length-grouped order (the sampler's megabatches depend on the per-device batch b
-only), the same micro-batches in the same steps. The one difference is how the two gradients are
-combined: DDP halves each rank's gradient and gloo sums them, the Trainer halves each micro-batch's
-loss and accumulates; halving is exact in binary floating point, so the runs agree to the bit here
-(measured). The tolerance below leaves room for a reduction order that differs on other builds.
+Each loss term is a mean over the rows of its role in the whole optimiser step (all micro-batches, all
+processes), so these three runs of the same rows must agree: 2 processes × 4 rows per device, 1 process
+× 4 rows × 2 accumulation steps, and 1 process × 8 rows. With random batch order (the default) the
+sampler's permutation depends on the seed alone, and step k holds rows 8k..8k+7 of it in all three.
+Before, a term was a mean over its rows *within a micro-batch*, so the first two runs trained a different
+objective from the third (a micro-batch without forget rows had L_f = 0): this test fails on that code.
 """
 import glob
 import json
@@ -17,41 +13,49 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
 
-# Bit-identical here; 1e-5 allows a few float32 roundings per step. A wrong data split, a lost
-# rank or rank-0-only terms change these numbers by more than 1e-2.
+# Agreement measured here: the loss to the last float32 digit; 1e-5 leaves room for another reduction order.
+# A wrong data split, a lost rank or per-micro-batch means change these numbers by more than 1e-2.
 RTOL = 1e-5
+TERMS = ("loss", "forget_ce", "retain_ce", "grad_norm")
 
 
-def _spul(qlora, sst2, out, batch, *extra, nproc=1):
-    args = ["spul.py", "--model_checkpoints", qlora, "--data_dir", sst2, "--max_retain", 24, "--max_forget", 8,
-            "--max_length", 64, "--train_batch_size", batch, "--num_epochs", 2, "--logging_steps", 1,
-            "--ptuning_num_tokens", 4, "--lr", 1e-2, "--seed", 7, "--output_path", out, "--quiet", *extra]
+def _run(script, qlora, sst2, out, batch, *extra, nproc=1):
+    args = [script, "--model_checkpoints", qlora, "--data_dir", sst2, "--max_retain", 24, "--max_forget", 8,
+            "--max_length", 64, "--train_batch_size", batch, "--logging_steps", 1, "--lr", 1e-2, "--seed", 7,
+            "--output_path", out, "--quiet", *extra]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 \
         else [sys.executable]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(launch + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"spul.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     with open(os.path.join(out, "training_log.json")) as f:
         steps = [e for e in json.load(f) if "loss" in e]
     return proc, steps
 
 
+SPUL = ("--num_epochs", 2, "--ptuning_num_tokens", 4)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_qlora, sst2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
-    ddp = _spul(tiny_qlora, sst2_dir, root / "ddp" / "spul", 4, nproc=2)
-    single = _spul(tiny_qlora, sst2_dir, root / "single" / "spul", 4, "--gradient_accumulation_steps", 2)
-    return root, ddp, single
+    out = {}
+    for name, batch, extra, nproc in (("ddp", 4, (), 2), ("accumulation", 4, ("--gradient_accumulation_steps", 2), 1),
+                                      ("batch8", 8, (), 1)):
+        out[name] = _run("spul.py", tiny_qlora, sst2_dir, root / name / "spul", batch, *SPUL, *extra, nproc=nproc)
+    return root, out
 
 
 def test_both_ranks_train_with_world_size_two(runs):
-    _, (proc, steps), _ = runs
+    _, r = runs
+    proc, steps = r["ddp"]
     out = proc.stdout + proc.stderr
     # 32 rows, 2 epochs, global batch 2 x 4 = 8 rows: 8 optimiser steps (16 if a rank had run alone)
     assert "[rank 0/2] trained 8 optimiser steps" in out
@@ -60,7 +64,7 @@ def test_both_ranks_train_with_world_size_two(runs):
 
 
 def test_exactly_one_adapter_is_saved(runs):
-    root, _, _ = runs
+    root, _ = runs
     saved = glob.glob(str(root / "ddp" / "**" / "adapter_model.safetensors"), recursive=True)
     assert saved == [str(root / "ddp" / "spul" / "adapter_model.safetensors")]
     assert sorted(os.listdir(root / "ddp")) == ["spul"]
@@ -70,18 +74,47 @@ def test_exactly_one_adapter_is_saved(runs):
     assert info["n_train_rows"] == 32
 
 
-def test_losses_and_prompt_match_one_process_with_accumulation(runs):
-    root, (_, ddp), (_, single) = runs
-    assert [e["step"] for e in ddp] == [e["step"] for e in single]
-    for a, b in zip(ddp, single):
-        # the loss, and each term (averaged over ranks like the loss, not rank 0's share alone)
-        for k in ("loss", "forget_ce", "retain_ce", "grad_norm"):
+@pytest.mark.parametrize("other", ["accumulation", "batch8"])
+def test_one_objective_whatever_the_split_of_the_step(runs, other):
+    root, r = runs
+    ddp, ref = r["ddp"][1], r[other][1]
+    assert [e["step"] for e in ddp] == [e["step"] for e in ref]
+    for a, b in zip(ddp, ref):
+        # the loss and each term (the step's value, not one process's or one micro-batch's share)
+        for k in TERMS:
             assert a[k] == pytest.approx(b[k], rel=RTOL, abs=1e-6), (a["step"], k, a[k], b[k])
-    # the trained prompt encoder itself
     wa = load_file(str(root / "ddp" / "spul" / "adapter_model.safetensors"))
-    wb = load_file(str(root / "single" / "spul" / "adapter_model.safetensors"))
+    wb = load_file(str(root / other / "spul" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and wa
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=RTOL, atol=1e-6)
     # gradients flowed in every step: the comparison is not between two untouched initialisations
     assert all(e["grad_norm"] > 1e-3 for e in ddp)
+
+
+def test_forget_rows_are_weighted_as_in_one_batch(runs):
+    """The steps where one process's micro-batch held no forget row are the ones the old per-micro-batch mean
+    got wrong: the logged forget term equals the 8-row batch's there too (not half of it, not zero)."""
+    _, r = runs
+    assert all(e["forget_ce"] > 1.0 for e in r["ddp"][1])
+
+
+def test_each_process_fills_the_reference_rows_it_sees(runs, tiny_qlora):
+    """The KL cache is filled lazily, by the process that sees a row; the file beside the qlora folder ends up
+    holding every retain row once (the three runs share it)."""
+    _, r = runs
+    files = glob.glob(os.path.join(tiny_qlora, "reference_cache", "top32-float32-*.npz"))
+    assert len(files) == 1
+    with np.load(files[0]) as f:
+        assert len(f["keys"]) == len(set(f["keys"].tolist())) >= 24
+
+
+def test_baseline_reference_fill_is_split_over_processes(tiny_qlora, sst2_dir, tmp_path):
+    """GA+KL fills its reference before the first step, each process a share, then exchanges them: two processes
+    of 4 rows train the same steps as one process of 8."""
+    extra = ("--unlearn_method", "gradient_ascent_kl", "--max_steps", 3, "--kl_topk", 8)
+    _, ddp = _run("baselines.py", tiny_qlora, sst2_dir, tmp_path / "ddp", 4, *extra, nproc=2)
+    _, one = _run("baselines.py", tiny_qlora, sst2_dir, tmp_path / "one", 8, *extra)
+    for a, b in zip(ddp, one):
+        for k in ("loss", "forget_ga", "retain_kl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k, a[k], b[k])

@@ -1,4 +1,9 @@
-"""Command-line plumbing: one-line errors for user mistakes, shared argument groups, seeds."""
+"""Command-line plumbing: one-line errors for user mistakes, shared argument groups, seeds.
+
+Every script builds its parser with `make_parser`: abbreviated flags are refused (a typo such as
+`--max_eval_row` must not silently mean `--max_eval_rows`), every default shows in --help, and
+boolean flags accept `--x`, `--x true` and `--x false` alike.
+"""
 import argparse
 import os
 import random
@@ -30,10 +35,50 @@ def set_seed(seed: int):
     torch.manual_seed(seed)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and '(default: X)' after every flag that has a default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            return text + " (default: none)"
+        return super()._get_help_string(action)
+
+
+def make_parser(doc):
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
+# ---------------------------------------------------------------- value types
+
 def positive_int(s):
     v = int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def nonneg_float(s):
+    v = float(s)
+    if not v >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def positive_float(s):
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def unit_interval(s):
+    """[0, 1): dropout rates, warm-up ratios."""
+    v = float(s)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
     return v
 
 
@@ -46,72 +91,112 @@ def fraction(s):
 
 def comma_list(s):
     """'q_proj, v_proj' -> ['q_proj', 'v_proj']: names from a comma-separated flag, spaces and empties dropped."""
+    if isinstance(s, (list, tuple)):
+        return [str(w).strip() for w in s if str(w).strip()]
     return [w.strip() for w in str(s).split(",") if w.strip()]
 
 
 def str2bool(s):
     if isinstance(s, bool):
         return s
-    if s.lower() in ("1", "true", "yes", "y"):
+    if s.lower() in ("1", "true", "yes", "y", "on"):
         return True
-    if s.lower() in ("0", "false", "no", "n"):
+    if s.lower() in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {s}")
 
 
-def add_data_args(p: argparse.ArgumentParser):
+def add_bool(g, *names, default=False, help=None):
+    """A boolean flag that takes `--x`, `--x true` and `--x false`."""
+    g.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+
+
+# ---------------------------------------------------------------- argument groups
+
+def add_data_args(p, child=False):
+    """Data flags. `child`: a stage that follows another (spul, baselines, eco, evaluation): flags left out
+    are taken from the folder it starts from (utils.runs.inherit), so their defaults here are None."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="sst2", help="sst2 or yelp: the paper's hub datasets (ignored for loading when --data_dir is given)")
-    g.add_argument("--data_dir", default=None, help="folder with train_retain/train_forget/test_retain/test_forget as .csv, .jsonl or .parquet (e.g. ../shared/data/sst2)")
-    g.add_argument("--max_length", type=positive_int, default=1024, help="max tokens per example; the review text is shortened, never the question or the label")
-    g.add_argument("--forget_size", type=fraction, default=1.0, help="fraction of train_forget kept (drawn with seed 42, as in the paper)")
-    g.add_argument("--max_retain", type=positive_int, default=None, help="cap on train_retain rows used for training (seeded draw)")
-    g.add_argument("--max_forget", type=positive_int, default=None, help="cap on train_forget rows used for training (seeded draw)")
-    g.add_argument("--max_eval_rows", type=positive_int, default=None, help="cap on rows per split at evaluation (seeded draw)")
+    g.add_argument("--dataset", default=None if child else "sst2",
+                   help="sst2 or yelp: the paper's hub datasets; a name for --data_dir's data otherwise"
+                        + (" (default: the parent stage's)" if child else ""))
+    g.add_argument("--data_dir", default=None,
+                   help="folder with train_retain, train_forget, test_retain, test_forget as .csv, .jsonl or .parquet "
+                        "(e.g. ../shared/data/sst2)" + (" (default: the parent stage's)" if child else ""))
+    g.add_argument("--text_column", default=None if child else "text", help="column holding the text")
+    g.add_argument("--label_column", default=None if child else "label",
+                   help="column holding the label: an integer 0..n-1 or one of the label words")
+    g.add_argument("--label_words", default=None,
+                   help="comma-separated words for labels 0, 1, ... (default: from a label_text column when the data "
+                        "has one, else negative,positive)")
+    g.add_argument("--max_length", type=positive_int, default=None if child else 1024,
+                   help="max tokens per example; the text is shortened, never the question or the label"
+                        + (" (default: the parent stage's)" if child else ""))
+    g.add_argument("--forget_size", type=fraction, default=1.0,
+                   help="fraction τ of the train_forget rows kept (drawn with seed 42, as in the paper)")
+    g.add_argument("--max_retain", type=positive_int, default=None,
+                   help="cap on train_retain rows (seeded draw; a stage's cap may not exceed its parent's)")
+    g.add_argument("--max_forget", type=positive_int, default=None,
+                   help="cap on train_forget rows (seeded draw; a stage's cap may not exceed its parent's)")
+    g.add_argument("--data_seed", type=int, default=None if child else 42,
+                   help="seed of the --max_retain / --max_forget draws; the draws are nested, so a smaller cap "
+                        "keeps rows its parent trained on")
     return g
 
 
-def add_model_args(p: argparse.ArgumentParser):
+def add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--set_pad_id", action="store_true", help="force the pad token to the EOS token (models such as Mistral/Llama have none)")
+    add_bool(g, "--set_pad_id", help="force the pad token to the EOS token (models such as Mistral/Llama have none)")
     return g
 
 
-def add_training_args(p: argparse.ArgumentParser, *, lr, epochs, warmup, batch=32):
+def add_run_args(g):
+    """Where a run goes and what happens to a folder that already holds one."""
+    g.add_argument("--output_path", default=None, help="output folder (default: named after the stage, dataset and model)")
+    add_bool(g, "--overwrite", help="replace the run in --output_path (with --resume: only when its settings differ)")
+    add_bool(g, "--resume", help="continue an unfinished run in --output_path from its last checkpoint, or reuse a "
+                                 "finished one with the same settings")
+    add_bool(g, "--quiet", help="no progress bars")
+
+
+def add_training_args(p, *, lr, epochs, warmup, batch=32):
     """The optimisation flags every training script shares, with the paper's defaults."""
     g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
-    g.add_argument("--train_batch_size", type=positive_int, default=batch, help=f"per-device batch size (default {batch})")
-    g.add_argument("--eval_batch_size", type=positive_int, default=batch, help="per-device evaluation batch size")
+    g.add_argument("--lr", type=positive_float, default=lr, help="learning rate")
+    g.add_argument("--train_batch_size", type=positive_int, default=batch,
+                   help="rows per device per micro-batch; the loss of an optimiser step is the same for any split of "
+                        "its rows into devices and accumulation steps")
+    g.add_argument("--eval_batch_size", type=positive_int, default=batch, help="rows per forward pass outside training")
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    g.add_argument("--num_epochs", type=float, default=epochs, help=f"epochs (default {epochs})")
+    g.add_argument("--num_epochs", type=float, default=epochs, help="epochs")
     g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps (overrides --num_epochs when > 0)")
-    g.add_argument("--weight_decay", type=float, default=0.001)
-    g.add_argument("--warmup_ratio", type=float, default=warmup, help=f"linear warm-up fraction of the steps (default {warmup})")
+    g.add_argument("--weight_decay", type=nonneg_float, default=0.001)
+    g.add_argument("--warmup_ratio", type=unit_interval, default=warmup, help="linear warm-up fraction of the steps")
     g.add_argument("--lr_scheduler_type", default="cosine")
-    g.add_argument("--max_grad_norm", type=float, default=0.3, help="gradient clipping (default 0.3)")
-    g.add_argument("--group_by_length", type=str2bool, nargs="?", const=True, default=False,
-                   help="batch rows of similar length (less padding, faster). Off by default (random batches, the Trainer's "
-                        "default): SST-2's forget rows are longer than its retain rows, so length-grouped batches "
-                        "are mostly one role and unlearning learns less of the difference (README, deviation 12)")
-    g.add_argument("--gradient_checkpointing", type=str2bool, default=None, help="default: on for CUDA, off on the CPU")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA if supported, else fp32")
+    g.add_argument("--max_grad_norm", type=nonneg_float, default=0.3, help="gradient clipping (0: none)")
+    add_bool(g, "--group_by_length",
+             help="batch rows of similar length (less padding, faster). Off by default (random batches, the Trainer's "
+                  "default): SST-2's forget rows are longer than its retain rows, so length-grouped batches are mostly "
+                  "one role and unlearning learns less of the difference (README, deviation 12)")
+    g.add_argument("--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="recompute activations in the backward pass (default: on for CUDA, off on the CPU)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on CUDA if supported, else fp32")
     g.add_argument("--logging_steps", type=positive_int, default=10)
     g.add_argument("--report_to", default="none", help="none, tensorboard or wandb")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--output_path", default=None, help="output folder (default under runs/)")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --output_path")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--seed", type=int, default=42, help="seeds initialisation, batch order and generic-label draws")
+    g = p.add_argument_group("run folder and checkpoints")
+    add_run_args(g)
+    g.add_argument("--save_steps", type=positive_int, default=None,
+                   help="save a checkpoint every N optimiser steps (default: at the end of every epoch)")
+    g.add_argument("--save_total_limit", type=positive_int, default=2, help="checkpoints kept (the oldest are removed)")
+    add_bool(g, "--keep_checkpoints", help="keep the checkpoints once the run has finished (default: removed then)")
     return g
 
 
 def check_training_args(args):
     if args.num_epochs <= 0 and args.max_steps <= 0:
         raise UserError(f"--num_epochs must be positive, got {args.num_epochs}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UserError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
 
 
 def local_rank_zero():

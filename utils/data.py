@@ -47,17 +47,45 @@ def _read_table(path):
         raise UserError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-def _rows_from_frame(df, where, n_labels):
-    for col in ("text", "label"):
+class Splits(dict):
+    """{split: rows} plus the label words the rows' integer labels stand for."""
+
+    label_words = LABEL_WORDS
+
+
+def _label_text_words(frames, label_column, n_max=10):
+    """Label words from a `label_text` column (label i -> its word), the same in every split; None without one."""
+    pairs = {}
+    for df, where in frames.values():
+        if "label_text" not in df.columns or label_column not in df.columns:
+            return None
+        for lab, word in zip(df[label_column].tolist(), df["label_text"].tolist()):
+            i, word = _label_value(lab), str(word).strip()
+            if i is None or not 0 <= i < n_max or not word:
+                return None  # text labels, or odd values: the label column alone decides (and reports them)
+            if pairs.setdefault(i, word) != word:
+                raise UserError(f"{where}: label {i} is '{pairs[i]}' in one row and '{word}' in another (label_text)")
+    if not pairs or sorted(pairs) != list(range(len(pairs))):
+        return None
+    return tuple(pairs[i] for i in range(len(pairs)))
+
+
+def _rows_from_frame(df, where, label_words, text_column="text", label_column="label"):
+    for col in (text_column, label_column):
         if col not in df.columns:
-            raise UserError(f"{where} has no '{col}' column (columns: {', '.join(map(str, df.columns))})")
+            raise UserError(f"{where} has no '{col}' column (columns: {', '.join(map(str, df.columns))}); "
+                            f"name yours with --text_column / --label_column")
     if len(df) == 0:
         raise UserError(f"{where} is empty")
+    index = {w.lower(): i for i, w in enumerate(label_words)}
     rows = []
-    for i, (text, label) in enumerate(zip(df["text"].tolist(), df["label"].tolist())):
+    for i, (text, label) in enumerate(zip(df[text_column].tolist(), df[label_column].tolist())):
         lab = _label_value(label)
-        if lab is None or not 0 <= lab < n_labels:
-            raise UserError(f"{where} row {i}: label {label!r} is not in the label set 0..{n_labels - 1}")
+        if lab is None and isinstance(label, str):
+            lab = index.get(label.strip().lower())
+        if lab is None or not 0 <= lab < len(label_words):
+            raise UserError(f"{where} row {i}: label {label!r} is neither 0..{len(label_words) - 1} nor one of the label "
+                            f"words {', '.join(label_words)}")
         rows.append({"text": str(text), "label": lab})
     return rows
 
@@ -97,8 +125,12 @@ def _hub_frames(dataset, splits):
         raise UserError(f"cannot load hub dataset {repo} ({type(e).__name__}); offline? use --data_dir with local copies")
 
 
-def load_splits(dataset="sst2", data_dir=None, splits=SPLITS, n_labels=len(LABEL_WORDS)):
-    """Return {split: [{"text", "label"}, ...]} from --data_dir if given, else from the hub."""
+def load_splits(dataset="sst2", data_dir=None, splits=SPLITS, text_column="text", label_column="label",
+                label_words=None):
+    """Return Splits {split: [{"text", "label"}, ...]} from --data_dir if given, else from the hub.
+
+    Labels are integers 0..n-1 or the label words themselves. The label words come from `label_words`,
+    else from a `label_text` column (consistent across splits), else negative/positive."""
     if data_dir is not None:
         if not os.path.isdir(data_dir):
             raise UserError(f"data folder {data_dir} does not exist")
@@ -110,7 +142,12 @@ def load_splits(dataset="sst2", data_dir=None, splits=SPLITS, n_labels=len(LABEL
             frames[split] = (_read_table(path), path)
     else:
         frames = _hub_frames(dataset, splits)
-    return {s: _rows_from_frame(df, where, n_labels) for s, (df, where) in frames.items()}
+    words = tuple(label_words) if label_words else (_label_text_words(frames, label_column) or LABEL_WORDS)
+    if len(set(w.lower() for w in words)) != len(words) or len(words) < 2:
+        raise UserError(f"the label words must be at least two different words, got {', '.join(words)}")
+    out = Splits({s: _rows_from_frame(df, where, words, text_column, label_column) for s, (df, where) in frames.items()})
+    out.label_words = words
+    return out
 
 
 def sample_rows(rows, n, seed):
@@ -136,17 +173,28 @@ def forget_subset(rows, forget_size):
 
 
 def select_training_rows(data, forget_size=1.0, max_forget=None, max_retain=None, seed=42):
-    """The train_* rows a stage trains on: --forget_size (seed 42), then the seeded caps.
+    """The train_* rows a stage trains on: the seeded caps (nested: a smaller cap keeps a subset of a larger
+    one, so a stage capped at or below its parent's cap trains on rows its parent trained on), then the
+    forget-size subset τ of the capped forget rows (seed 42, the paper's draw when there is no cap).
     Evaluation calls this too, so that train_forget is exactly the set that was unlearned."""
-    data = dict(data)
-    if "train_forget" in data:
-        data["train_forget"] = sample_rows(forget_subset(data["train_forget"], forget_size), max_forget, seed)
-    if "train_retain" in data:
-        data["train_retain"] = sample_rows(data["train_retain"], max_retain, seed)
-    return data
+    out = Splits(data)
+    out.label_words = getattr(data, "label_words", LABEL_WORDS)
+    if "train_forget" in out:
+        out["train_forget"] = forget_subset(sample_rows(out["train_forget"], max_forget, seed), forget_size)
+    if "train_retain" in out:
+        out["train_retain"] = sample_rows(out["train_retain"], max_retain, seed)
+    return out
+
+
+def data_kwargs(args):
+    """load_splits' keyword arguments from a script's data flags."""
+    from .cli import comma_list
+
+    return dict(dataset=args.dataset, data_dir=args.data_dir, text_column=args.text_column,
+                label_column=args.label_column, label_words=comma_list(args.label_words) if args.label_words else None)
 
 
 def training_splits(args, splits=("train_retain", "train_forget")):
-    """Load the training splits with --forget_size, --max_forget and --max_retain applied."""
-    data = load_splits(args.dataset, args.data_dir, splits)
-    return select_training_rows(data, args.forget_size, args.max_forget, args.max_retain, args.seed)
+    """Load the training splits with --max_forget / --max_retain (seed --data_seed) and --forget_size applied."""
+    data = load_splits(splits=splits, **data_kwargs(args))
+    return select_training_rows(data, args.forget_size, args.max_forget, args.max_retain, args.data_seed)

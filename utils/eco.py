@@ -330,14 +330,16 @@ def save_eco(folder, classifier, corruption, feature_layer, **extra):
     return cfg
 
 
-def load_eco_model(folder, dtype=torch.float32):
-    """An eco.py folder -> (EcoLM on the merged qlora model, the folder's arguments.json + eco.json).
+def load_eco_model(folder, dtype=torch.float32, lm=None):
+    """An eco.py folder -> (EcoLM on the model it started from (`lm`, loaded here when not given), the
+    folder's arguments.json + eco.json).
 
     The classifier file is a pickle (joblib): load folders you wrote yourself or trust.
     """
     import joblib
 
-    from .modeling import load_merged_model, load_tokenizer, read_arguments
+    from .modeling import load_tokenizer, read_arguments
+    from .stages import load_start_model
 
     info = read_arguments(folder)
     if info.get("stage") != "eco":
@@ -348,7 +350,8 @@ def load_eco_model(folder, dtype=torch.float32):
     with open(os.path.join(folder, ECO_FILE)) as f:
         cfg = json.load(f)
     saved = joblib.load(os.path.join(folder, CLASSIFIER_FILE))
-    lm, _ = load_merged_model(info["model_checkpoints"], dtype=dtype)
+    if lm is None:
+        lm, _ = load_start_model(info["model_checkpoints"], dtype=dtype)
     lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)

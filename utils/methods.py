@@ -14,43 +14,58 @@ ROLE_NAMES = {RETAIN: "retain", FORGET: "forget", FORGET_GENERIC: "forget_generi
 
 
 class LossContext:
-    def __init__(self, model, inputs, logits, reference):
+    """The tail logits of one micro-batch, split by row role, and the means the objectives are made of.
+
+    `counts` {role: rows} are the rows of each role in the whole optimiser step (every micro-batch of the
+    accumulation window, every process): each term sums its rows here and divides by that count, so one
+    step trains the same objective whether its rows come as one batch, as micro-batches or from several
+    devices. Without counts (outside training), the batch's own rows are the step."""
+
+    def __init__(self, model, inputs, logits, reference, counts=None):
         self.model, self.inputs, self.logits, self.reference = model, inputs, logits, reference
         self.labels = inputs["tail_labels"]
         self.role = inputs["role"]
+        self.counts = counts
 
     def rows(self, role):
         sel = self.role == role
         return self.logits[sel], self.labels[sel], sel
 
+    def mean(self, role, per_row):
+        n = self.counts.get(role, 0) if self.counts is not None else per_row.shape[0]
+        return losses.mean_over(per_row, n)
+
     def ce(self, role):
         lg, lb, _ = self.rows(role)
-        return losses.cross_entropy_loss(lg, lb)
+        return self.mean(role, losses.sequence_nll(lg, lb))
 
     def ga(self, role=FORGET):
-        lg, lb, _ = self.rows(role)
-        return losses.gradient_ascent_loss(lg, lb)
+        return -self.ce(role)
 
     def kl(self, role=RETAIN):
         """KL(reference || model) at the label-prediction position of `role` rows."""
         lg, lb, sel = self.rows(role)
         if not sel.any():
-            return lg.new_zeros(())
-        return self.reference.kl(self.model, self.inputs, sel, losses.label_position_logits(lg, lb))
+            return self.mean(role, lg.new_zeros(0))
+        return self.mean(role, self.reference.kl_rows(self.model, self.inputs, sel, losses.label_position_logits(lg, lb)))
 
     def npo(self, beta, role=FORGET):
         lg, lb, sel = self.rows(role)
         if not sel.any():
-            return lg.new_zeros(())
+            return self.mean(role, lg.new_zeros(0))
         ref = self.reference.seq_logprob(self.model, self.inputs, sel)
-        return losses.npo_loss(losses.sequence_logprob(lg, lb), ref.to(lg.device), beta)
+        return self.mean(role, losses.npo_rows(losses.sequence_logprob(lg, lb), ref.to(lg.device), beta))
 
 
 @dataclass(frozen=True)
 class Method:
     objective: callable
-    roles: tuple          # which row roles the training set holds
-    needs_reference: bool  # KL or NPO terms
+    roles: tuple            # which row roles the training set holds
+    reference_roles: tuple  # the roles whose rows need the frozen reference (KL on retain, NPO on forget)
+
+    @property
+    def needs_reference(self):
+        return bool(self.reference_roles)
 
 
 def spul(c, alpha=0.5, beta=0.5, **_):
@@ -99,23 +114,26 @@ def npo(c, npo_beta=0.1, retain_weight=1.0, **_):
 
 
 METHODS = {
-    "spul": Method(spul, (FORGET_GENERIC, RETAIN), True),
-    "gradient_ascent": Method(gradient_ascent, (FORGET,), False),
-    "random_label": Method(random_label, (FORGET_GENERIC,), False),
-    "gradient_ascent_kl": Method(gradient_ascent_kl, (FORGET, RETAIN), True),
-    "gradient_ascent_descent": Method(gradient_ascent_descent, (FORGET, RETAIN), False),
-    "llmu": Method(llmu, (FORGET, FORGET_GENERIC, RETAIN), True),
-    "npo": Method(npo, (FORGET,), True),
-    "npo_rt": Method(npo, (FORGET, RETAIN), True),
+    "spul": Method(spul, (FORGET_GENERIC, RETAIN), (RETAIN,)),
+    "gradient_ascent": Method(gradient_ascent, (FORGET,), ()),
+    "random_label": Method(random_label, (FORGET_GENERIC,), ()),
+    "gradient_ascent_kl": Method(gradient_ascent_kl, (FORGET, RETAIN), (RETAIN,)),
+    "gradient_ascent_descent": Method(gradient_ascent_descent, (FORGET, RETAIN), ()),
+    "llmu": Method(llmu, (FORGET, FORGET_GENERIC, RETAIN), (RETAIN,)),
+    "npo": Method(npo, (FORGET,), (FORGET,)),
+    "npo_rt": Method(npo, (FORGET, RETAIN), (FORGET,)),
 }
 BASELINES = [m for m in METHODS if m != "spul"]
 
 
 def build_training_rows(encoder, data, method, seed):
-    """Encode train_forget / train_retain into the rows `method` trains on, each with its role."""
+    """Encode train_forget / train_retain into the rows `method` trains on, each with its role and a
+    `row_id` (its index: the reference cache's row)."""
     rows = []
     for role in METHODS[method].roles:
         split = "train_retain" if role == RETAIN else "train_forget"
         completion = "generic" if role == FORGET_GENERIC else "label"
         rows += encoder.encode_rows(data[split], completion=completion, role=role, seed=seed)
+    for i, r in enumerate(rows):
+        r["row_id"] = i
     return rows

@@ -19,7 +19,11 @@ def cache_root():
 
 
 def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: under torchrun / accelerate launch each process has its own GPU (LOCAL_RANK),
+    from the model load on, so no rank puts a copy of the model on GPU 0."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def resolve_dtype(precision="auto"):
@@ -82,10 +86,13 @@ def load_tokenizer(name, set_pad_id=False):
     return tok
 
 
-def load_model(name, dtype=torch.float32, quantization=None, **kw):
-    """A causal LM by hub id, local path or embedded name; NF4 through bitsandbytes when asked."""
+def load_model(name, dtype=torch.float32, quantization=None, device=None, **kw):
+    """A causal LM by hub id, local path or embedded name; NF4 through bitsandbytes when asked.
+    On a GPU the weights are loaded straight onto `device` (this process's GPU, NF4 included)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    if device is not None and torch.device(device).type == "cuda":
+        kw.setdefault("device_map", {"": torch.device(device)})
     if quantization == "nf4":
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -111,7 +118,7 @@ def read_arguments(folder):
         return json.load(f)
 
 
-def load_merged_model(qlora_dir, dtype=torch.float32):
+def load_merged_model(qlora_dir, dtype=torch.float32, device=None):
     """The QLoRA stage's model: full-precision base with the LoRA adapter folded in."""
     from peft import PeftModel
 
@@ -119,7 +126,7 @@ def load_merged_model(qlora_dir, dtype=torch.float32):
     if info.get("stage") != "qlora":
         raise UserError(f"{qlora_dir} was written by {info.get('stage')}, not by qlora.py")
     check_adapter_base(qlora_dir, info["model_name"])
-    base = load_model(info["model_name"], dtype=dtype)
+    base = load_model(info["model_name"], dtype=dtype, device=device)
     try:
         model = PeftModel.from_pretrained(base, qlora_dir).merge_and_unload()
     except RuntimeError as e:  # shape mismatch: adapter trained on another architecture

@@ -36,6 +36,10 @@ class PromptEncoder:
         self.max_length = max_length
         self.label_words = tuple(label_words)
         self.generic_labels = tuple(generic_labels)
+        clash = {w.lower() for w in self.label_words} & {w.lower() for w in self.generic_labels}
+        if clash:
+            raise UserError(f"the generic label {', '.join(sorted(clash))} is also a label word; choose --generic_labels "
+                            f"outside {', '.join(self.label_words)}")
         self.label_ids = {w: label_token_ids(tokenizer, w) for w in self.label_words + self.generic_labels}
         firsts = [self.label_ids[w][0] for w in self.label_words + self.generic_labels]
         if len(set(firsts)) != len(firsts):

@@ -1,4 +1,16 @@
-"""Run folders: overwrite protection, arguments.json next to every checkpoint, training logs."""
+"""Run folders: one protocol for every stage.
+
+A run folder holds `arguments.json` (every setting, `finished: false` until the run is done), the
+checkpoints of an unfinished run, and in the end the model, adapter or classifier the stage wrote.
+What happens to a folder that already holds a run is decided by its settings, never silently:
+
+    finished, same settings      --resume: nothing to do        --overwrite: run again    else: error
+    finished, other settings     --overwrite: replace                                      else: error naming the difference
+    unfinished, same settings    --resume: continue from its last checkpoint   --overwrite: start again   else: error
+    unfinished, other settings   --resume --overwrite: start again             else: error naming the difference
+
+A later stage reads its parent's arguments.json (`inherit`): the data settings it left out are the parent's.
+"""
 import json
 import os
 import shutil
@@ -8,55 +20,222 @@ import time
 from .cli import UserError, local_rank_zero
 
 DONE = "arguments.json"  # written last-updated with "finished": true
+CHECKPOINT_PREFIX = "checkpoint-"
+# Flags that change where or how visibly a run goes, not what it computes: two runs that differ only
+# here are the same run.
+RUN_ONLY = {"output_path", "overwrite", "resume", "quiet", "report_to", "logging_steps", "save_steps",
+            "save_total_limit", "keep_checkpoints", "eval_batch_size", "gradient_checkpointing"}
+
+
+def settings_of(args, stage=None):
+    """The settings that decide a run's result, as JSON values (tuples become lists)."""
+    d = {k: v for k, v in (vars(args) if not isinstance(args, dict) else args).items() if k not in RUN_ONLY}
+    if stage:
+        d["stage"] = stage
+    return json.loads(json.dumps(d, default=str))
+
+
+def settings_diff(old, new):
+    """['key: old → new', ...] for every setting of `new` that `old` records otherwise."""
+    out = []
+    for k in sorted(new):
+        a = old.get(k, "(absent)")
+        if a != new[k]:
+            out.append(f"{k}: {a} → {new[k]}")
+    return out
+
+
+def _summary(diff, n=4):
+    return ", ".join(diff[:n]) + (f" and {len(diff) - n} more" if len(diff) > n else "")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoints(path):
+    """The checkpoint folders of a run, oldest first."""
+    if not os.path.isdir(path):
+        return []
+    found = [d for d in os.listdir(path) if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
+    return [os.path.join(path, d) for d in sorted(found, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
+
+
+def decide(path, settings, overwrite=False, resume=False):
+    """What to do with `path` for a run of `settings`: ('new' | 'replace' | 'resume' | 'done', message).
+    Raises UserError for every case the flags do not settle. Reads only: safe on every rank."""
+    if os.path.isfile(path):
+        raise UserError(f"--output_path {path} is a file, not a folder")
+    old = read_json(os.path.join(path, DONE)) if os.path.isdir(path) else None
+    if old is None:
+        if os.path.isdir(path) and os.listdir(path):
+            raise UserError(f"{path} holds files that no run of this toolkit wrote; choose another --output_path")
+        return "new", None
+    diff = settings_diff(old.get("settings", old), settings)
+    if old.get("finished"):
+        if not diff and resume:
+            return "done", f"{path} holds a finished run with these settings: nothing to do (--overwrite runs it again)"
+        if overwrite:
+            return "replace", f"replacing the finished run in {path}" + (f" ({_summary(diff)})" if diff else "")
+        if diff:
+            raise UserError(f"{path} holds a finished run with other settings ({_summary(diff)}); pass --overwrite to "
+                            f"replace it or choose another --output_path")
+        raise UserError(f"{path} holds a finished run with these settings; pass --resume to keep it or --overwrite to run "
+                        f"it again")
+    ckpts = checkpoints(path)
+    if not ckpts and not os.path.exists(os.path.join(path, "training_log.json")):
+        # it stopped before its first step (a mistake found after the folder was made): nothing to lose
+        return "replace", None
+    where = f" (last checkpoint: {os.path.basename(ckpts[-1])})" if ckpts else " (no checkpoint yet)"
+    if resume and not diff:
+        return "resume", f"resuming the unfinished run in {path}{where}"
+    if overwrite:
+        return "replace", f"starting the unfinished run in {path} again" + (f" ({_summary(diff)})" if diff else "")
+    if diff:
+        raise UserError(f"{path} holds an unfinished run with other settings ({_summary(diff)}); resume it with its own "
+                        f"settings, or pass --overwrite to start again")
+    raise UserError(f"{path} holds an unfinished run{where}; pass --resume to continue it or --overwrite to start again")
+
+
+def _barrier():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def prepare_run(path, args, stage):
+    """Apply `decide` to --output_path: every process decides from the same folder state, then the first
+    process alone deletes or creates. Returns 'new', 'resume' or 'done' (the caller stops)."""
+    action, message = decide(path, settings_of(args, stage), args.overwrite, args.resume)
+    if message and local_rank_zero():
+        print(message, flush=True)
+    _barrier()  # no process may read the folder after the first one has changed it
+    if local_rank_zero():
+        if action == "replace":
+            shutil.rmtree(path)
+        if action != "done":
+            os.makedirs(path, exist_ok=True)
+    _barrier()
+    return "new" if action == "replace" else action
 
 
 def prepare_output_dir(path, overwrite=False):
-    """Create `path`; refuse to touch a finished run unless --overwrite.
-
-    In a multi-process run (torchrun) only the first process checks, deletes and creates: the
-    others write nothing, so they cannot race it."""
-    if not local_rank_zero():
-        return path
-    args_file = os.path.join(path, DONE)
-    if os.path.exists(args_file):
-        with open(args_file) as f:
-            finished = json.load(f).get("finished", False)
-        if finished and not overwrite:
-            raise UserError(f"{path} holds a finished run; pass --overwrite to replace it or choose another --output_path")
-        if overwrite:
+    """Create `path` for a stage without settings to compare (kept for callers that only need a folder):
+    refuse to touch an existing run unless --overwrite."""
+    action, _ = decide(path, {}, overwrite, False) if not overwrite else ("replace", None)
+    if local_rank_zero():
+        if action == "replace" and os.path.isdir(path):
             shutil.rmtree(path)
-    os.makedirs(path, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
     return path
 
 
 def save_arguments(path, args, finished=False, **extra):
     """Write arguments.json (only in the first process of a multi-process run)."""
     info = dict(vars(args)) if not isinstance(args, dict) else dict(args)
+    info["settings"] = settings_of(info, extra.get("stage"))  # what decides the result, before the derived fields
     info.update(extra)
     info["finished"] = finished
     info["command"] = " ".join(sys.argv)
     info["saved_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     if not local_rank_zero():
         return info
-    with open(os.path.join(path, DONE), "w") as f:
-        json.dump(info, f, indent=2, default=str)
+    save_json(os.path.join(path, DONE), info)
     return info
 
 
 def save_json(path, obj):
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
     os.replace(tmp, path)
 
 
 def is_finished(path):
-    try:
-        with open(os.path.join(path, DONE)) as f:
-            return json.load(f).get("finished", False)
-    except (OSError, ValueError):
-        return False
+    return bool((read_json(os.path.join(path, DONE)) or {}).get("finished", False))
 
 
 def short_name(model_name):
     return os.path.basename(os.path.normpath(str(model_name))).replace("/", "_")
+
+
+def remove_checkpoints(path):
+    """A finished run needs no checkpoints (the final model is saved beside them)."""
+    for c in checkpoints(path):
+        shutil.rmtree(c, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- a stage follows its parent
+
+# Data settings a stage takes from the folder it starts from when they are not given
+INHERITED = ("dataset", "data_dir", "text_column", "label_column", "label_words", "max_length", "data_seed")
+DEFAULTS = {"dataset": "sst2", "text_column": "text", "label_column": "label", "max_length": 1024, "data_seed": 42}
+
+
+def inherit(args, parent, parent_name, quiet=False):
+    """Fill the data flags left out (None) with the parent's (its arguments.json `parent`, {} for a pre-trained
+    model), else the defaults; refuse contradictions that would unlearn rows the model never saw. Says in one
+    line what was taken. Local paths are made absolute, so the run works from any working directory."""
+    taken = []
+    for k in INHERITED:
+        mine, theirs = getattr(args, k, None), parent.get(k)
+        if theirs is None:
+            continue
+        if mine is None:
+            setattr(args, k, theirs)
+            taken.append(f"{k}={theirs}")
+        elif k == "dataset" and mine != theirs:
+            raise UserError(f"{parent_name} was fine-tuned on --dataset {theirs}, not {mine}")
+        elif k == "label_words" and [w.strip() for w in str(mine).split(",")] != [w.strip() for w in str(theirs).split(",")]:
+            raise UserError(f"{parent_name} was fine-tuned with the label words {theirs}, not {mine}")
+        elif k == "max_length" and mine > theirs:
+            print(f"warning: --max_length {mine} is longer than {parent_name} was trained with ({theirs})", file=sys.stderr)
+        elif k == "data_dir" and os.path.abspath(mine) != os.path.abspath(theirs):
+            print(f"warning: --data_dir {mine} is not the folder {parent_name} was trained on ({theirs})", file=sys.stderr)
+        elif k == "data_seed" and mine != theirs:
+            print(f"warning: --data_seed {mine} differs from {parent_name}'s ({theirs}): capped rows are then not the "
+                  f"rows it trained on", file=sys.stderr)
+    for cap, split in (("max_forget", "forget"), ("max_retain", "retain")):
+        theirs = parent.get(cap)
+        if theirs is not None and hasattr(args, cap):
+            if getattr(args, cap) is None:
+                setattr(args, cap, theirs)
+                taken.append(f"{cap}={theirs}")
+            elif getattr(args, cap) > theirs:
+                raise UserError(f"--{cap} {getattr(args, cap)} exceeds the {theirs} {split} rows {parent_name} was "
+                                f"trained on: a stage may only use rows its parent trained on")
+    for k, v in DEFAULTS.items():
+        if getattr(args, k, "absent") is None:
+            setattr(args, k, v)
+    if args.data_dir:
+        if not os.path.isdir(args.data_dir):
+            where = f"that {parent_name} was trained on " if parent.get("data_dir") == args.data_dir else ""
+            raise UserError(f"the data folder {args.data_dir} {where}does not exist" + (" (pass --data_dir)" if where else ""))
+        args.data_dir = os.path.abspath(args.data_dir)
+    if taken and not quiet:
+        print(f"following {parent_name}: {', '.join(taken)}", flush=True)
+    return args
+
+
+def default_output(stage, args, model_name, tail=""):
+    """runs/<stage>-<dataset>-<model>[-<tail>]: two datasets or models never share a folder."""
+    name = "-".join(x for x in (stage, str(args.dataset), short_name(model_name), tail) if x)
+    return os.path.join("runs", name)
+
+
+def finish_run(path, what, next_commands=()):
+    """A short README in the run folder (replacing PEFT's empty model card) and the next stage's command."""
+    lines = [f"# {os.path.basename(os.path.normpath(path))}", "", what, "",
+             "`arguments.json` holds every setting and the command that made this folder; `training_log.json` the loss "
+             "and each loss term per logging step.", ""]
+    if next_commands:
+        lines += ["Next:", "", "```bash", *next_commands, "```", ""]
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+    for c in next_commands:
+        print(f"next: {c}")

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .cli import UserError
+from .cli import UserError, comma_list
 from .modeling import EMBEDDED, EMBEDDED_ALIASES, check_adapter_base, load_merged_model, load_model, load_tokenizer, read_arguments
 
 
@@ -43,18 +43,30 @@ def _read_finished(folder, expected=None):
     return info
 
 
-def _qlora_parent(folder, info):
-    """The qlora.py folder a later stage started from (its `model_checkpoints`), checked to be finished."""
+def _parent(folder, info):
+    """The model a spul/baseline/eco folder started from (its `model_checkpoints`): a finished qlora.py folder
+    (path returned, its arguments checked) or a pre-trained model (name returned, arguments None)."""
     parent = info.get("model_checkpoints")
     if not parent:
-        raise UserError(f"{folder}/arguments.json does not name the qlora folder it started from (model_checkpoints)")
+        raise UserError(f"{folder}/arguments.json does not name the model it started from (model_checkpoints)")
     if not os.path.isdir(parent) and not os.path.isabs(parent):
         # a relative path written from another working directory: try it beside the stage folder
         beside = os.path.join(os.path.dirname(os.path.normpath(folder)), os.path.basename(os.path.normpath(parent)))
         parent = beside if os.path.isdir(beside) else parent
-    if not os.path.isdir(parent):
-        raise UserError(f"the qlora folder {parent} that {folder} was trained from does not exist")
-    return parent, _read_finished(parent, ("qlora",))
+    if os.path.isdir(parent) and os.path.exists(os.path.join(parent, "arguments.json")):
+        return parent, _read_finished(parent, ("qlora",))
+    embedded = EMBEDDED_ALIASES.get(parent.lower(), parent.lower()) in EMBEDDED
+    if not os.path.isdir(parent) and not embedded and _looks_like_path(parent):
+        raise UserError(f"the folder {parent} that {folder} was trained from does not exist")
+    return parent, None
+
+
+def _start_model(parent, pinfo, dtype):
+    """(the model a stage started from, ready to run: merged qlora model or pre-trained model, base model name)."""
+    if pinfo is None:
+        return load_model(parent, dtype=dtype), parent
+    lm, _ = load_merged_model(parent, dtype=dtype)
+    return lm, pinfo["model_name"]
 
 
 def _tokenizer(folders, set_pad_id=False):
@@ -65,11 +77,6 @@ def _tokenizer(folders, set_pad_id=False):
     return load_tokenizer(folders[-1], set_pad_id)
 
 
-def _merged_qlora(qlora_dir, dtype):
-    lm, _ = load_merged_model(qlora_dir, dtype=dtype)
-    return lm
-
-
 def _with_adapter(lm, folder, base_name, what):
     from peft import PeftModel
 
@@ -78,6 +85,42 @@ def _with_adapter(lm, folder, base_name, what):
         return PeftModel.from_pretrained(lm, folder)
     except (RuntimeError, ValueError, KeyError) as e:  # shape or key mismatch: another architecture
         raise UserError(f"the {what} adapter in {folder} does not fit {base_name}: {str(e).splitlines()[0][:200]}")
+
+
+def start_point(name, stage):
+    """The arguments.json of the model an unlearning stage (spul, baselines, eco) starts from: a finished qlora.py
+    folder, or {} for a pre-trained model (hub id, model folder, embedded name). Checked before any data or
+    model is loaded: a missing folder is reported as such, not as a failed hub download."""
+    name = str(name)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "arguments.json")):
+        info = read_arguments(name)
+        if info.get("stage") != "qlora":
+            raise UserError(f"{name} was written by {info.get('stage')}: {stage} starts from a qlora.py folder or a "
+                            f"pre-trained model")
+        return _read_finished(name, ("qlora",))
+    if os.path.isdir(name):
+        if os.path.exists(os.path.join(name, "adapter_config.json")):
+            raise UserError(f"{name} holds an adapter but no arguments.json: cannot tell which model it belongs to")
+        return {}
+    if EMBEDDED_ALIASES.get(name.lower(), name.lower()) in EMBEDDED:
+        return {}
+    if _looks_like_path(name):
+        raise UserError(f"--model_checkpoints {name} does not exist")
+    try:
+        load_tokenizer(name)
+    except UserError as e:
+        raise UserError(f"--model_checkpoints {name} is no folder, and no hub model of that name could be loaded "
+                        f"({str(e).split(': ', 1)[-1][:160]})")
+    return {}
+
+
+def load_start_model(name, dtype=torch.float32, device=None):
+    """The model an unlearning stage starts from: the qlora.py model with its adapter merged, or a pre-trained
+    model. Returns (model, base model name)."""
+    if os.path.isdir(str(name)) and os.path.exists(os.path.join(str(name), "arguments.json")):
+        lm, info = load_merged_model(name, dtype=dtype, device=device)
+        return lm, info["model_name"]
+    return load_model(name, dtype=dtype, device=device), str(name)
 
 
 def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False):
@@ -109,7 +152,7 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False):
     stage = info.get("stage")
     set_pad = set_pad_id or bool(info.get("set_pad_id", False))
     if stage == "qlora":
-        lm = _merged_qlora(name, dtype)
+        lm, _ = load_merged_model(name, dtype=dtype)
         method = "retrained" if info.get("train_on") == "retain" else "qlora"
         out = {"method": method, "model": info["model_name"]}
         return Stage(TailLM(lm), _tokenizer([name, info["model_name"]], set_pad), _finish(out, stage, name, info))
@@ -117,20 +160,20 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False):
     if stage == "spul":
         from .modeling import SoftPromptLM
 
-        parent, qinfo = _qlora_parent(name, info)
-        base = qinfo["model_name"]
-        peft_model = _with_adapter(_merged_qlora(parent, dtype), name, base, "prompt")
+        parent, pinfo = _parent(name, info)
+        lm, base = _start_model(parent, pinfo, dtype)
+        peft_model = _with_adapter(lm, name, base, "prompt")
         peft_model.eval()
         model = SoftPromptLM(peft_model)
-        out = {"method": "spul", "model": base, "qlora_checkpoint": parent,
+        out = {"method": "spul", "model": base, "parent": parent,
                "encoder_kwargs": {"generic_labels": _generic(info)}}
         return Stage(model, _tokenizer([name, parent, base], set_pad), _finish(out, stage, name, info))
 
     if stage == "baseline":
-        parent, qinfo = _qlora_parent(name, info)
-        base = qinfo["model_name"]
+        parent, pinfo = _parent(name, info)
+        base = pinfo["model_name"] if pinfo else parent
         if info.get("lora"):
-            lm = _with_adapter(_merged_qlora(parent, dtype), name, base, "LoRA").merge_and_unload()
+            lm = _with_adapter(_start_model(parent, pinfo, dtype)[0], name, base, "LoRA").merge_and_unload()
         else:
             if not os.path.exists(os.path.join(name, "config.json")):
                 raise UserError(f"{name} has no saved model (config.json missing): the run did not finish")
@@ -138,25 +181,24 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False):
         method = info.get("unlearn_method") or info.get("method")
         if not method:
             raise UserError(f"{name}/arguments.json does not say which unlearning method it ran (unlearn_method)")
-        out = {"method": method, "model": base, "qlora_checkpoint": parent}
+        out = {"method": method, "model": base, "parent": parent,
+               "encoder_kwargs": {"generic_labels": _generic(info)}}
         return Stage(TailLM(lm), _tokenizer([name, parent, base], set_pad), _finish(out, stage, name, info))
 
     if stage == "eco":
         from .eco import load_eco_model  # written by the ECO stage; imported only when needed
 
-        parent, qinfo = _qlora_parent(name, info)
-        model, eco_info = load_eco_model(name, dtype)
-        out = {"method": "eco", "model": qinfo["model_name"], "qlora_checkpoint": parent, "eco": eco_info}
-        return Stage(model, _tokenizer([name, parent, qinfo["model_name"]], set_pad), _finish(out, stage, name, info))
+        parent, pinfo = _parent(name, info)
+        base = pinfo["model_name"] if pinfo else parent
+        model, eco_info = load_eco_model(name, dtype, lm=_start_model(parent, pinfo, dtype)[0])
+        out = {"method": "eco", "model": base, "parent": parent, "eco": eco_info}
+        return Stage(model, _tokenizer([name, parent, base], set_pad), _finish(out, stage, name, info))
 
     raise UserError(f"{name} was written by an unknown stage '{stage}' (expected qlora, spul, baseline or eco)")
 
 
 def _generic(info):
-    g = info.get("generic_labels")
-    if isinstance(g, str):
-        return [w for w in g.split(",") if w]
-    return list(g) if g else None
+    return comma_list(info.get("generic_labels") or "") or None
 
 
 def _finish(out, stage="pretrained", folder=None, arguments=None):
@@ -173,5 +215,7 @@ def stage_arguments(path_or_name):
     so that the data settings the stage used are known early."""
     name = str(path_or_name)
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "arguments.json")):
-        return read_arguments(name)
+        return _read_finished(name)
+    if not os.path.isdir(name) and _looks_like_path(name) and EMBEDDED_ALIASES.get(name.lower(), name.lower()) not in EMBEDDED:
+        raise UserError(f"checkpoint folder {name} does not exist")
     return {}

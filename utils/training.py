@@ -1,18 +1,30 @@
 """transformers' Trainer, taught to train on tail-only logits with a pluggable objective.
 
 Scale goes through the Trainer itself: `accelerate launch` / `torchrun` give DDP (or DeepSpeed /
-FSDP through an accelerate config) without any code here.
+FSDP through an accelerate config) without any code here. Three things are ours:
+- the objective of an optimiser step: every term is a mean over the rows of its role in the whole step
+  (all micro-batches of the accumulation window, all processes), so N processes × B rows, or B rows ×
+  N accumulation steps, train exactly the objective of one batch of N·B rows;
+- checkpoints hold the trainable weights only (a SPUL checkpoint is its prompt encoder, a QLoRA one
+  its adapter, not a copy of the frozen LLM), plus the Trainer's optimiser, scheduler and RNG state;
+- the training log is written even when a run stops early.
 """
 import math
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from .cli import UserError
-from .methods import LossContext
+from .methods import ROLE_NAMES, LossContext
 from .modeling import tail_logits
+
+TRAINABLE_FILE = "trainable.safetensors"
+# Tests only: raise right after the checkpoint of this optimiser step is saved, as a crash would.
+CRASH_AFTER_STEP = "SPUL_TEST_CRASH_AFTER_STEP"
 
 
 class NonFiniteLoss(UserError):
@@ -49,6 +61,7 @@ def training_arguments(args, output_dir, **overrides):
     cuda = torch.cuda.is_available()
     prec = args.precision
     bf16 = prec == "bf16" or (prec == "auto" and cuda and torch.cuda.is_bf16_supported())
+    save = dict(save_strategy="steps", save_steps=args.save_steps) if args.save_steps else dict(save_strategy="epoch")
     kw = dict(
         output_dir=output_dir,
         per_device_train_batch_size=args.train_batch_size,
@@ -63,7 +76,8 @@ def training_arguments(args, output_dir, **overrides):
         max_grad_norm=args.max_grad_norm,
         logging_steps=args.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        **save,
+        save_total_limit=args.save_total_limit,
         report_to=[] if args.report_to == "none" else [args.report_to],
         seed=args.seed,
         data_seed=args.seed,
@@ -88,52 +102,122 @@ def enable_gradient_checkpointing(args, lm):
     return on
 
 
+def trainable_state(model, state_dict=None):
+    """{name: tensor} of the trainable parameters (tied weights once), from `state_dict` when given."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    src = state_dict if state_dict is not None else params
+    return {n: src[n].detach().contiguous().cpu() for n in params if n in src}
+
+
+def load_trainable(model, path):
+    state = load_file(path)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(params):
+        raise UserError(f"the checkpoint {os.path.dirname(path)} does not hold this model's trainable weights "
+                        f"({len(set(params) - set(state))} missing, {len(set(state) - set(params))} unexpected)")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+class _CrashAfterSave(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            raise RuntimeError(f"simulated crash after the checkpoint of step {state.global_step} ({CRASH_AFTER_STEP})")
+
+
 class TailLossTrainer(Trainer):
     """Trainer whose loss is `objective(LossContext, **weights)` on the completion positions only.
 
-    Each named term of the objective is averaged over the logging window and logged beside the loss.
-    A loss that turns NaN or infinite stops training with NonFiniteLoss.
+    Each named term of the objective is logged beside the loss (its value per optimiser step, averaged
+    over the logging window). A loss that turns NaN or infinite stops training with NonFiniteLoss.
     """
+
+    loss_is_scaled_for_ga = True  # each term is already divided by its rows in the whole optimiser step
 
     def __init__(self, *a, objective, reference=None, weights=None, **kw):
         super().__init__(*a, **kw)
         self.objective, self.reference, self.weights = objective, reference, weights or {}
-        self._sums, self._count = {}, 0
+        self._sums, self._steps, self._counts = {}, 0, None
+        if os.environ.get(CRASH_AFTER_STEP):
+            self.add_callback(_CrashAfterSave(int(os.environ[CRASH_AFTER_STEP])))
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimiser step, and the rows of each role in all of them on all processes."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = torch.zeros(len(ROLE_NAMES), dtype=torch.long, device=device)
+        for b in batches:
+            counts += torch.bincount(b["role"].flatten().to(device), minlength=len(ROLE_NAMES))
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        self._counts = dict(enumerate(counts.tolist()))
+        self._steps += 1
+        return batches, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["tail_labels"]
         logits = model(inputs["input_ids"], inputs["attention_mask"], keep=labels.shape[1] + 1)[:, :-1]
-        terms = self.objective(LossContext(model, inputs, logits, self.reference), **self.weights)
+        counts = self._counts if model.training else None
+        context = LossContext(self.accelerator.unwrap_model(model), inputs, logits, self.reference, counts)
+        terms = self.objective(context, **self.weights)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"the loss became {loss.item()} at step {self.state.global_step}; stopping "
-                                f"(lower --lr or check the data); nothing after the last save was kept")
+                                f"(lower --lr or check the data); nothing after the last checkpoint was kept")
         for k, v in terms.items():
             if k != "loss":
                 self._sums[k] = self._sums.get(k, 0.0) + v.detach().float()
-        self._count += 1
+        if counts is not None:
+            # DDP and DeepSpeed average the processes' gradients; the step's objective is their sum
+            loss = loss * self.accelerator.num_processes
         return (loss, logits) if return_outputs else loss
 
     def log(self, logs, *a, **kw):
-        if self._count and "loss" in logs:
+        if self._steps and "loss" in logs:
             if self._sums:
                 names = sorted(self._sums)
-                means = torch.stack([self._sums[k] for k in names]) / self._count
-                if self.args.world_size > 1:  # every rank logs at the same steps: average the terms over ranks, like the loss
-                    means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
-                logs.update({k: round(float(v), 6) for k, v in zip(names, means)})
-            self._sums, self._count = {}, 0
+                sums = torch.stack([self._sums[k] for k in names]).to(self.args.device)
+                if self.accelerator.num_processes > 1:  # every process holds its rows' share of each term
+                    sums = self.accelerator.reduce(sums, reduction="sum")
+                logs.update({k: round(float(v) / self._steps, 6) for k, v in zip(names, sums)})
+            self._sums, self._steps = {}, 0
         super().log(logs, *a, **kw)
 
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_file(trainable_state(self.model, state_dict), os.path.join(output_dir, TRAINABLE_FILE))
 
-def train(trainer):
-    """trainer.train() with the training log kept even when the run stops early."""
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_trainable(model or self.model, os.path.join(resume_from_checkpoint, TRAINABLE_FILE))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        cache = getattr(self.reference, "cache", None)
+        if cache is not None:  # every process keeps the reference rows it computed
+            cache.save()
+
+
+def train(trainer, resume=False):
+    """trainer.train() (from the run's last checkpoint with `resume`), with the training log and the reference
+    cache kept even when the run stops early."""
     try:
-        trainer.train()
+        last = get_last_checkpoint(trainer.args.output_dir) if resume and os.path.isdir(trainer.args.output_dir) else None
+        if last and trainer.is_world_process_zero():
+            print(f"resuming from {last}", flush=True)
+        trainer.train(resume_from_checkpoint=last)
         if trainer.args.world_size > 1:  # one line per process: shows that every rank trained
             print(f"[rank {trainer.args.process_index}/{trainer.args.world_size}] trained "
                   f"{trainer.state.global_step} optimiser steps", flush=True)
     finally:
+        cache = getattr(trainer.reference, "cache", None)
+        if cache is not None:
+            cache.save()
         if trainer.is_world_process_zero():
             from .runs import save_json
 
