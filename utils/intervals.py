@@ -153,7 +153,9 @@ def auc_ci(member_scores, nonmember_scores, n_boot=1000, seed=0, level=0.95):
     for start in range(0, n_boot, step):
         b = min(step, n_boot - start)
         offset = (np.arange(b) * u)[:, None]
-        wm = np.bincount((m_codes[rng.integers(0, m, size=(b, m), dtype=np.int32)] + offset).ravel(), minlength=b * u).reshape(b, u)
-        wn = np.bincount((n_codes[rng.integers(0, k, size=(b, k), dtype=np.int32)] + offset).ravel(), minlength=b * u).reshape(b, u)
-        stats.append(auc_batch(wm.astype(float), wn.astype(float)))
+        m_draw = m_codes[rng.integers(0, m, size=(b, m), dtype=np.int32)] + offset
+        n_draw = n_codes[rng.integers(0, k, size=(b, k), dtype=np.int32)] + offset
+        wm = np.bincount(m_draw.ravel(), minlength=b * u).reshape(b, u).astype(float)
+        wn = np.bincount(n_draw.ravel(), minlength=b * u).reshape(b, u).astype(float)
+        stats.append(auc_batch(wm, wn))
     return _percentile(np.concatenate(stats), level)
