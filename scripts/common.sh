@@ -65,7 +65,7 @@ finished() {
   [ -f "$1/arguments.json" ] && python -c "import json,sys; sys.exit(0 if json.load(open('$1/arguments.json')).get('finished') else 1)"
 }
 
-tables() {  # tables OUTPREFIX RUN_DIRS...
-  local prefix=$1; shift
-  python scripts/make_tables.py "$@" --out="$prefix"
+tables() {  # tables OUTPREFIX PAPER_KEY RUN_DIRS...: PAPER_KEY is a key of data/paper_tables.json, or none
+  local prefix=$1 paper=$2; shift 2
+  python scripts/make_tables.py "$@" --output_path="$prefix" --paper="$paper"
 }
