@@ -111,15 +111,30 @@ def format_table(res):
         lines.append(row("generation (paper, vanilla)", res["generation"]))
     lines.append(row("label words only", res["metrics"], ("label_accuracy", None)))
     lines.append(row("generic answers %", res["metrics"], ("generic_rate", None)))
+    lines += ci_lines(res)
     if res.get("mia_auc") is not None:
-        lines.append(f"MIA AUC (train_forget members vs test_forget): {res['mia_auc']:.4f}  (0.5 = indistinguishable)")
+        ci = res.get("mia_auc_ci")
+        lines.append(f"MIA AUC (train_forget members vs test_forget): {res['mia_auc']:.4f}"
+                     f"{f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else ''}  (0.5 = indistinguishable)")
     return "\n".join(lines)
+
+
+def ci_lines(res):
+    """ACC and F1 with their 95 % intervals, one line per split: '82.81 [72.0, 90.2]'."""
+    def cell(m, key):
+        ci = m.get(f"{key}_ci")
+        return f"{100 * m[key]:6.2f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+    out = ["95 % intervals (ACC: Wilson; F1: bootstrap over rows):"]
+    for name, block in (("", res["metrics"]), (" (generation)", res.get("generation") or {})):
+        out += [f"  {s + name:<28}ACC {cell(m, 'accuracy'):<22}F1 {cell(m, 'f1')}" for s, m in block.items()]
+    return out
 
 
 def main():
     args = parse_args()
     from utils.evaluation import (GENERATION_PROTOCOL, classification_metrics, generate_rows, generation_metrics,
-                                  mia_auc, predict_rows)
+                                  mia_auc, mia_auc_ci, predict_rows)
     from utils.modeling import device, resolve_dtype
     from utils.prompts import PromptEncoder
     from utils.runs import read_json, save_json, settings_diff, settings_of
@@ -168,12 +183,13 @@ def main():
                                     desc=f"{split} (generate)", quiet=args.quiet)
             generation[split] = generation_metrics(answers, rows, encoder)
     mia = mia_auc(true_logp["train_forget"], true_logp["test_forget"]) if {"train_forget", "test_forget"} <= set(data) else None
+    mia_ci = mia_auc_ci(true_logp["train_forget"], true_logp["test_forget"]) if mia is not None else None
     seconds = time.time() - t0
 
     # save: results.json only; the checkpoint itself is never written to
     res = {
         "method": info["method"], "model": info["model"], "dataset": args.dataset, "forget_size": args.forget_size,
-        "metrics": metrics, "mia_auc": mia,
+        "metrics": metrics, "mia_auc": mia, "mia_auc_ci": mia_ci,
         "protocol": {"metrics": "top token over the whole vocabulary at the label-prediction position vs the true "
                                 "label's first token (the paper's protocol)",
                      "generation": GENERATION_PROTOCOL.format(n=args.max_new_tokens) if generate else None},

@@ -62,7 +62,7 @@ evaluate() {
   python inference_spul.py "${data[@]}" --model_checkpoints="$ckpt" --set_pad_id "${outflag[@]}" --resume $EVAL_EXTRA "$@"
 }
 
-tables() {  # tables OUTPREFIX RUN_DIRS...
-  local prefix=$1; shift
-  python scripts/make_tables.py "$@" --out="$prefix"
+tables() {  # tables OUTPREFIX PAPER_KEY RUN_DIRS...: PAPER_KEY is a key of data/paper_tables.json, or none
+  local prefix=$1 paper=$2; shift 2
+  python scripts/make_tables.py "$@" --output_path="$prefix" --paper="$paper"
 }

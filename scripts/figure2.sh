@@ -11,4 +11,4 @@ for p in $PS; do
   evaluate "$d/spul-p$p"
   runs+=("$d/spul-p$p")
 done
-tables "$d/table" "${runs[@]}"
+tables "$d/table" none "${runs[@]}"   # the paper reports Figure 2 as a plot only

@@ -18,5 +18,5 @@ for DATASET in $DATASETS; do
   spul "$d/qlora" "$d/spul" --ptuning_num_tokens=30 --alpha=1.0 --beta=0.5
   evaluate "$d/spul"
   runs+=("$d/spul")
-  tables "$d/table" "${runs[@]}"
+  tables "$d/table" table2_llama2_7b "${runs[@]}"
 done

@@ -14,4 +14,4 @@ for a in $ALPHAS; do
     runs+=("$d/spul-a$a-b$b")
   done
 done
-tables "$d/table" "${runs[@]}"
+tables "$d/table" table3_alpha_beta_llama2_7b "${runs[@]}"

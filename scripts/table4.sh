@@ -11,4 +11,4 @@ for t in $SIZES; do
   evaluate "$d/spul-f$t" --forget_size="$t"
   runs+=("$d/spul-f$t")
 done
-tables "$d/table" "${runs[@]}"
+tables "$d/table" table4_forget_size_llama2_7b "${runs[@]}"

@@ -16,5 +16,6 @@ for MODEL in $MODELS; do
   spul "$d/qlora" "$d/spul" --ptuning_num_tokens=30 --alpha=1.0 --beta=1.0
   evaluate "$d/spul"
   runs+=("$d/spul")
-  tables "$d/table" "${runs[@]}"
+  case "$(basename "$MODEL" | tr '[:upper:]' '[:lower:]')" in opt*) paper=table5_opt_1.3b ;; *) paper=table5_llama2_13b ;; esac
+  tables "$d/table" "$paper" "${runs[@]}"
 done

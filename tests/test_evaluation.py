@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from utils.evaluation import (classification_metrics, generate_rows, generation_metrics, match_label, mia_auc,
-                              predict_rows)
+                              mia_auc_ci, predict_rows)
+from utils.intervals import wilson
 from utils.prompts import PromptEncoder
 
 
@@ -72,6 +73,13 @@ def test_metrics_match_hand_computation(encoder):
     assert m["generic_rate"] == pytest.approx(1 / 6)
     assert m["mean_true_nll"] == pytest.approx(-scores["true_logp"].mean().item())
     assert m["n"] == 6
+    # 95 % intervals: Wilson on the counts behind each proportion, a seeded bootstrap for F1
+    assert m["accuracy_ci"] == pytest.approx(wilson(3, 6))
+    assert m["label_accuracy_ci"] == pytest.approx(wilson(5, 6))
+    assert m["generic_rate_ci"] == pytest.approx(wilson(1, 6))
+    lo, hi = m["f1_ci"]
+    assert 0.0 <= lo <= m["f1"] <= hi <= 1.0
+    assert classification_metrics(scores, rows, encoder)["f1_ci"] == m["f1_ci"]
 
 
 def test_mia_auc_by_pair_counting():
@@ -80,6 +88,14 @@ def test_mia_auc_by_pair_counting():
     # a tie counts one half
     assert mia_auc([1.0, 0.0], [0.0]) == pytest.approx(0.75)
     assert mia_auc([0.0, 0.0], [0.0, 0.0]) == pytest.approx(0.5)
+
+
+def test_mia_auc_interval():
+    member, nonmember = [-0.1, -0.5, -2.0, -0.2, -1.0], [-0.3, -3.0, -0.4, -2.5]
+    lo, hi = mia_auc_ci(member, nonmember)
+    assert 0.0 <= lo <= mia_auc(member, nonmember) <= hi <= 1.0
+    assert mia_auc_ci(member, nonmember) == (lo, hi)  # seeded
+    assert mia_auc_ci(member, []) is None
 
 
 def test_soft_prompt_offset(tiny_llama, tokenizer):
@@ -168,6 +184,8 @@ def test_generation_protocol_on_a_scripted_model(encoder):
     assert m["generic_rate"] == pytest.approx(1 / 5)
     # label 1 (support 3): TP 2, FP 0, FN 1 -> F1 0.8; label 0 (support 2): TP 0 -> F1 0
     assert m["f1"] == pytest.approx(3 / 5 * 0.8)
+    assert m["accuracy_ci"] == pytest.approx(wilson(2, 5))
+    assert m["f1_ci"][0] <= m["f1"] <= m["f1_ci"][1]
 
 
 def test_generation_matches_transformers_greedy(tiny_llama, tokenizer):

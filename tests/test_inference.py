@@ -203,7 +203,12 @@ def _check_schema(res):
         for k in ("accuracy", "f1", "label_accuracy", "generic_rate"):
             assert 0.0 <= m[k] <= 1.0
         assert isinstance(m["n"], int) and m["n"] > 0
+        for k in ("accuracy", "label_accuracy", "generic_rate"):  # Wilson intervals hold their proportion
+            assert 0.0 <= m[f"{k}_ci"][0] <= m[k] <= m[f"{k}_ci"][1] <= 1.0
+        assert 0.0 <= m["f1_ci"][0] <= m["f1_ci"][1] <= 1.0
     assert res["mia_auc"] is None or 0.0 <= res["mia_auc"] <= 1.0
+    if res["mia_auc"] is not None:
+        assert 0.0 <= res["mia_auc_ci"][0] <= res["mia_auc_ci"][1] <= 1.0
 
 
 def test_script_on_spul_folder_is_repeatable_and_leaves_the_checkpoint(tiny_spul, tiny_llama, sst2_dir):

@@ -9,7 +9,11 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 from tqdm.auto import tqdm
 
+from .intervals import auc_ci, f1_ci, wilson
 from .prompts import LeftPadCollator
+
+# bootstrap settings of every interval below: seeded, so results.json is reproducible
+N_BOOT, BOOT_SEED = 1000, 0
 
 
 @torch.no_grad()
@@ -40,19 +44,28 @@ def predict_rows(model, encoder, rows, batch_size=32, device="cpu", desc="scorin
 
 def classification_metrics(scores, rows, encoder):
     """Accuracy and weighted F1 by the paper's protocol, plus label-restricted accuracy and the
-    rate of generic answers. Fractions in [0, 1]."""
+    rate of generic answers. Fractions in [0, 1], each with its 95 % interval `*_ci` = [lo, hi]
+    (Wilson for the proportions, a seeded row bootstrap for F1; None for zero rows)."""
     label_first = encoder.first_label_ids()
     y_true = np.array([label_first[r["label"]] for r in rows])
     y_pred = scores["pred"].numpy()
     generic = set(encoder.first_label_ids(encoder.generic_labels))
     labels = np.array([r["label"] for r in rows])
+    n = len(rows)
+    correct = int((y_pred == y_true).sum())
+    label_correct = int((scores["label_logits"].argmax(-1).numpy() == labels).sum())
+    n_generic = int(np.isin(y_pred, list(generic)).sum())
     return {
         "accuracy": float((y_pred == y_true).mean()),
+        "accuracy_ci": wilson(correct, n),
         "f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "f1_ci": f1_ci(y_true, y_pred, n_boot=N_BOOT, seed=BOOT_SEED),
         "label_accuracy": float((scores["label_logits"].argmax(-1).numpy() == labels).mean()),
+        "label_accuracy_ci": wilson(label_correct, n),
         "generic_rate": float(np.isin(y_pred, list(generic)).mean()),
+        "generic_rate_ci": wilson(n_generic, n),
         "mean_true_nll": float(-scores["true_logp"].mean()),
-        "n": len(rows),
+        "n": n,
     }
 
 
@@ -62,6 +75,12 @@ def mia_auc(member_logp, nonmember_logp):
     y = np.r_[np.ones(len(member_logp)), np.zeros(len(nonmember_logp))]
     s = np.r_[np.asarray(member_logp), np.asarray(nonmember_logp)]
     return float(roc_auc_score(y, s))
+
+
+def mia_auc_ci(member_logp, nonmember_logp):
+    """95 % interval [lo, hi] of mia_auc: a seeded bootstrap resampling members and non-members
+    separately (two independent samples). None when either group is empty."""
+    return auc_ci(member_logp, nonmember_logp, n_boot=N_BOOT, seed=BOOT_SEED)
 
 
 # ---------------------------------------------------------------- the paper's generation protocol
@@ -121,7 +140,9 @@ def generation_metrics(answers, rows, encoder):
     generic = np.array([match_label(a, encoder.generic_labels) >= 0 for a in answers])
     return {
         "accuracy": float((y_pred == y_true).mean()),
+        "accuracy_ci": wilson(int((y_pred == y_true).sum()), len(rows)),
         "f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "f1_ci": f1_ci(y_true, y_pred, n_boot=N_BOOT, seed=BOOT_SEED),
         "matched_rate": float((y_pred >= 0).mean()),
         "generic_rate": float((generic & (y_pred < 0)).mean()),
         "n": len(rows),
