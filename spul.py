@@ -119,6 +119,7 @@ def main():
                        train_runtime_s=trainer.state.log_history[-1].get("train_runtime"))
         if not args.keep_checkpoints:
             remove_checkpoints(out)
+        print(f"saved the prompt adapter to {out}")
         finish_run(out, f"SPUL prompt adapter (p = {args.ptuning_num_tokens}) for the frozen model of "
                         f"{args.model_checkpoints} ({short_name(base_name)}).",
                    [f"python inference_spul.py --model_checkpoints={out}"])

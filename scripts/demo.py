@@ -145,9 +145,10 @@ def run_jobs(jobs, n_jobs, log_dir, threads):
             done.add(name)
             bar.update(1)
             with open(log.name) as f:
-                if any(k in f.read() for k in KEPT):
-                    kept.append(name)
-                    continue
+                said = f.read()
+            if any(k in said for k in KEPT):
+                kept.append(name)
+                continue
             seconds[name] = time.time() - t0
             tqdm.write(f"[{name}] done in {seconds[name]:.0f} s")
         if failed and not running:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tests.conftest import run_script, write_split_dir
+from tests.conftest import one_line_error, run_script, write_split_dir
 
 POS = ["great", "wonderful", "superb", "lovely", "brilliant", "charming"]
 NEG = ["awful", "boring", "terrible", "dreadful", "dull", "clumsy"]
@@ -220,8 +220,9 @@ def test_bad_arguments_give_one_line_errors(toy):
         "error: unknown --unlearn_method 'gradient_descent': choose one of " + ", ".join(baselines.BASELINES)]
     with pytest.raises(UserError, match="does not exist"):
         baselines.main(["--model_checkpoints", str(toy["root"] / "nowhere"), "--unlearn_method", "npo"])
-    with pytest.raises(UserError, match="npo_beta"):
-        baselines.main(["--model_checkpoints", toy["qlora"], "--unlearn_method", "npo", "--npo_beta", "0"])
+    proc = run_script("baselines.py", "--model_checkpoints", toy["qlora"], "--unlearn_method", "npo", "--npo_beta", "0",
+                      check=False)
+    assert "--npo_beta" in one_line_error(proc)
     with pytest.raises(UserError, match="optim"):
         run_baseline(toy, "gradient_ascent", "--optim", "no_such_optimiser", out=str(toy["root"] / "bad-optim"))
 

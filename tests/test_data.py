@@ -23,7 +23,8 @@ def sst2(sst2_dir):
 
 
 def _args(data_dir, **kw):
-    base = dict(dataset="sst2", data_dir=data_dir, forget_size=1.0, max_retain=None, max_forget=None, seed=42)
+    base = dict(dataset="sst2", data_dir=data_dir, forget_size=1.0, max_retain=None, max_forget=None, data_seed=42,
+                text_column="text", label_column="label", label_words=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -65,9 +66,9 @@ def test_forget_size_quarter_keeps_the_same_356_rows(sst2):
 
 
 def test_forget_size_through_training_splits_is_deterministic(sst2_dir, sst2):
-    """The scripts' path (training_splits) gives the same subset, independent of --seed."""
-    a = training_splits(_args(sst2_dir, forget_size=0.25, seed=1), splits=("train_forget",))["train_forget"]
-    b = training_splits(_args(sst2_dir, forget_size=0.25, seed=7), splits=("train_forget",))["train_forget"]
+    """The scripts' path (training_splits) gives the same subset, independent of --data_seed without caps."""
+    a = training_splits(_args(sst2_dir, forget_size=0.25, data_seed=1), splits=("train_forget",))["train_forget"]
+    b = training_splits(_args(sst2_dir, forget_size=0.25, data_seed=7), splits=("train_forget",))["train_forget"]
     assert len(a) == 356 and a == b
     assert a == forget_subset(sst2["train_forget"], 0.25)
 
@@ -86,15 +87,15 @@ def test_caps_are_seeded_and_deterministic(sst2_dir, sst2):
     assert sample_rows(retain[:10], None, seed=0) == retain[:10]
     assert sample_rows(retain[:10], 50, seed=0) == retain[:10]
 
-    args = _args(sst2_dir, max_retain=40, max_forget=12, forget_size=0.25, seed=5)
+    args = _args(sst2_dir, max_retain=40, max_forget=12, forget_size=0.25, data_seed=5)
     d1 = training_splits(args)
     d2 = training_splits(args)
-    assert (len(d1["train_retain"]), len(d1["train_forget"])) == (40, 12)
+    assert (len(d1["train_retain"]), len(d1["train_forget"])) == (40, 3)
     assert d1 == d2
-    # the forget cap draws from the forget_size subset
-    subset = _texts(forget_subset(sst2["train_forget"], 0.25))
-    assert set(_texts(d1["train_forget"])) <= set(subset)
-    d3 = training_splits(_args(sst2_dir, max_retain=40, max_forget=12, forget_size=0.25, seed=6))
+    # the forget_size subset is drawn from the capped rows: rows a parent capped at 12 trained on
+    capped = _texts(sample_rows(sst2["train_forget"], 12, seed=5))
+    assert set(_texts(d1["train_forget"])) <= set(capped)
+    d3 = training_splits(_args(sst2_dir, max_retain=40, max_forget=12, forget_size=0.25, data_seed=6))
     assert d3["train_retain"] != d1["train_retain"]
 
 
@@ -161,10 +162,11 @@ def test_missing_column(tmp_path):
     assert "train_forget" in msg and "'text'" in msg
 
 
-@pytest.mark.parametrize("bad", ["2", "-1", "positive", "0.5", ""])
+@pytest.mark.parametrize("bad", ["2", "-1", "neutral", "0.5", ""])
 def test_label_outside_the_label_set(tmp_path, bad):
+    """Labels are 0..n-1 or the label words themselves ('positive' is a label; 'neutral' is not)."""
     write_split_dir(tmp_path, TOY)
-    (tmp_path / "test_retain.csv").write_text(f"text,label,label_text\nfine,1,positive\nodd,{bad},x\n")
+    (tmp_path / "test_retain.csv").write_text(f"text,label\nfine,positive\nodd,{bad}\n")
     msg = _error(load_splits, data_dir=str(tmp_path))
     assert "test_retain" in msg and "label" in msg and "row 1" in msg
 

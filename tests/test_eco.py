@@ -237,7 +237,7 @@ def test_user_errors_are_one_line(eco_runs, tiny_qlora, tmp_path, sst2_dir):
     with pytest.raises(UserError, match="unknown corruption"):
         Corruption("shuffle")
     p = run_script("eco.py", "--model_checkpoints", a, "--data_dir", sst2_dir, "--output_path", tmp_path / "x", check=False)
-    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not by qlora.py" in p.stderr
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "starts from a qlora.py folder" in p.stderr
     p = run_script("eco.py", "--model_checkpoints", tiny_qlora, "--strength_range", "5", "1", check=False)
     assert p.returncode == 2 and p.stderr.strip() == "error: --strength_range needs 0 < LO < HI, got 5.0 1.0"
 

@@ -89,7 +89,7 @@ def test_spul_stage_applies_the_prompt(tiny_spul, tiny_qlora, tiny_llama, tokeni
 
     model, tok, info = load_stage(tiny_spul)
     assert isinstance(model, SoftPromptLM)
-    assert (info["method"], info["model"], info["qlora_checkpoint"]) == ("spul", tiny_llama, tiny_qlora)
+    assert (info["method"], info["model"], info["parent"]) == ("spul", tiny_llama, tiny_qlora)
     assert info["encoder_kwargs"] == {"generic_labels": ["neutral", "unknown"]}
     qlora_model, _, _ = load_stage(tiny_qlora)
     with_prompt, without = _logits(model, tok), _logits(qlora_model, tok)
@@ -133,9 +133,9 @@ def test_eco_stage_uses_utils_eco(tmp_path, tiny_qlora, tiny_llama, monkeypatch)
 
     calls = []
 
-    def load_eco_model(folder, dtype):
+    def load_eco_model(folder, dtype, lm=None):
         calls.append((folder, dtype))
-        return TailLM(load_model(tiny_llama)), {"sigma": 0.5}
+        return TailLM(lm), {"sigma": 0.5}
 
     monkeypatch.setitem(sys.modules, "utils.eco", types.SimpleNamespace(load_eco_model=load_eco_model))
     folder = _write_args(tmp_path / "eco", stage="eco", model_checkpoints=tiny_qlora, model_name=tiny_llama)
@@ -174,9 +174,11 @@ def test_eval_rows_use_the_forget_subset(sst2_dir):
     from inference_spul import load_eval_splits, resolve_data_settings
     from utils.data import forget_subset, load_splits, sample_rows
 
-    args = argparse.Namespace(dataset="sst2", data_dir=sst2_dir, splits=["train_forget", "test_forget"],
-                              forget_size=0.5, max_eval_rows=None, max_forget=None, max_retain=None, max_length=None, seed=1)
-    resolve_data_settings(args, {})
+    blank = dict(text_column=None, label_column=None, label_words=None, data_seed=None, max_eval_rows=None,
+                 max_forget=None, max_retain=None, max_length=None, seed=1)
+    args = argparse.Namespace(**blank, dataset="sst2", data_dir=sst2_dir, splits=["train_forget", "test_forget"],
+                              forget_size=0.5)
+    resolve_data_settings(args, {}, "smollm2-135m")
     data = load_eval_splits(args)
     full = load_splits("sst2", sst2_dir, ["train_forget"])["train_forget"]
     assert len(data["train_forget"]) == int(len(full) * 0.5) == len(forget_subset(full, 0.5))
@@ -189,10 +191,10 @@ def test_eval_rows_use_the_forget_subset(sst2_dir):
     assert capped == load_eval_splits(args)  # seeded
 
     # a stage trained on capped rows: train_forget is exactly the rows it unlearned (its cap and seed)
-    args = argparse.Namespace(dataset=None, data_dir=None, splits=["train_forget"], forget_size=None, max_eval_rows=None,
-                              max_forget=None, max_retain=None, max_length=None, seed=1)
-    resolve_data_settings(args, {"dataset": "sst2", "data_dir": sst2_dir, "forget_size": 0.5, "max_forget": 16, "seed": 7})
-    assert load_eval_splits(args)["train_forget"] == sample_rows(forget_subset(full, 0.5), 16, 7)
+    args = argparse.Namespace(**blank, dataset=None, data_dir=None, splits=["train_forget"], forget_size=None)
+    resolve_data_settings(args, {"dataset": "sst2", "data_dir": sst2_dir, "forget_size": 0.5, "max_forget": 16,
+                                 "data_seed": 7}, "stage")
+    assert load_eval_splits(args)["train_forget"] == forget_subset(sample_rows(full, 16, 7), 0.5)
 
 
 def _check_schema(res):
@@ -224,7 +226,9 @@ def test_script_on_spul_folder_is_repeatable_and_leaves_the_checkpoint(tiny_spul
     assert (res["method"], res["model"], res["dataset"]) == ("spul", tiny_llama, "sst2")
     # settings the stage trained with are reused: its data folder, forget size and max length
     assert (res["data_dir"], res["forget_size"], res["max_length"]) == (sst2_dir, 0.5, 64)
-    assert list(res["metrics"]) == list(SPLITS) and all(m["n"] == 6 for m in res["metrics"].values())
+    # train_forget is the 4 rows unlearned (τ = 0.5 of the stage's 8 forget rows), the others 6 drawn rows
+    assert list(res["metrics"]) == list(SPLITS)
+    assert {s: m["n"] for s, m in res["metrics"].items()} == {**dict.fromkeys(SPLITS, 6), "train_forget": 4}
     assert "generation" not in res and res["protocol"]["generation"] is None  # off for unlearned models
     assert results[0]["metrics"] == results[1]["metrics"] and results[0]["mia_auc"] == results[1]["mia_auc"]
     assert _digest(tiny_spul) == before

@@ -168,8 +168,7 @@ def _spul_terms(reference_table, kind, alpha=0.5, beta=0.5):
     items = _items()
     collate = LeftPadCollator(pad_id=0)
     if kind == "cache":
-        fill_reference_cache(model, items, collate, k=4, batch_size=2)
-        reference = CachedReference()
+        reference = CachedReference(fill_reference_cache(model, items, collate, k=4, batch_size=2))
     else:
         reference = OnlineReference()
     inputs = collate(items)
@@ -248,7 +247,7 @@ def test_online_reference_is_deterministic_and_matches_the_cache_under_dropout(t
     items = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE] * 4 + [9], "role": RETAIN},
              {"input_ids": [5, 6, 10, 11], "labels": [IGNORE] * 2 + [10, 11], "role": RETAIN}]
     collate = LeftPadCollator(pad_id=1)
-    fill_reference_cache(model, items, collate, k=V, batch_size=2)
+    cache = fill_reference_cache(model, items, collate, k=V, batch_size=2)
     inputs = collate(items)
     model.train()
     sel = torch.tensor([True, True])
@@ -256,7 +255,7 @@ def test_online_reference_is_deterministic_and_matches_the_cache_under_dropout(t
         logits = model(inputs["input_ids"], inputs["attention_mask"], keep=3)[:, :-1]
     at_label = label_position_logits(logits, inputs["tail_labels"])
     online = [float(OnlineReference().kl(model, inputs, sel, at_label)) for _ in range(3)]
-    cached = float(CachedReference().kl(model, inputs, sel, at_label))
+    cached = float(CachedReference(cache).kl(model, inputs, sel, at_label))
     assert model.training  # the reference forward left the mode as it found it
     assert online[0] == online[1] == online[2]
     assert close(online[0], cached, 1e-5)

@@ -11,7 +11,7 @@ import torch
 
 from utils.methods import BASELINES, FORGET, FORGET_GENERIC, METHODS, RETAIN, LossContext
 from utils.prompts import IGNORE
-from utils.reference import CachedReference, OnlineReference
+from utils.reference import CachedReference, OnlineReference, ReferenceCache
 
 U = [0.25, 0.25, 0.25, 0.25]
 # row: (role, labels, model probabilities per position, reference probabilities per position)
@@ -68,14 +68,17 @@ def context(rows=None, reference="cache"):
         "tail_labels": torch.tensor([r[1] for r in sel]),
         "role": torch.tensor([r[0] for r in sel]),
     }
-    # The compact cache as fill_reference_cache stores it: top-k (k = the whole vocabulary here) at the
+    # The compact cache as ReferenceCache stores it: top-k (k = the whole vocabulary here) at the
     # label-prediction position, and the completion's log-probability, both written out from ROWS.
     first = [r[1].count(IGNORE) for r in sel]
-    inputs["ref_idx"] = torch.tensor([[0, 1, 2, 3]] * len(rows))
-    inputs["ref_logp"] = torch.tensor([r[3][f] for r, f in zip(sel, first)]).log()
-    inputs["ref_seq_logp"] = torch.tensor([sum(log(r[3][j][t]) for j, t in enumerate(r[1]) if t != IGNORE) for r in sel])
+    cache = ReferenceCache([{"input_ids": [i], "labels": r[1]} for i, r in zip(rows, sel)], k=4)
+    cache.idx[:] = torch.tensor([[0, 1, 2, 3]] * len(rows))
+    cache.logp[:] = torch.tensor([r[3][f] for r, f in zip(sel, first)]).log()
+    cache.seq[:] = torch.tensor([sum(log(r[3][j][t]) for j, t in enumerate(r[1]) if t != IGNORE) for r in sel])
+    cache.filled[:] = True
+    inputs["row_id"] = torch.arange(len(rows))
     logits = torch.tensor([r[2] for r in sel]).log().requires_grad_()
-    ref = CachedReference() if reference == "cache" else OnlineReference()
+    ref = CachedReference(cache) if reference == "cache" else OnlineReference()
     return LossContext(FakeReferenceModel(), inputs, logits, ref)
 
 

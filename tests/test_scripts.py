@@ -76,9 +76,10 @@ def demo(*args):
 @pytest.mark.usefixtures("one_thread")
 def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_llama, sst2_dir):
     """scripts/demo.py at --scale smoke on the tiny model: every stage ends in the table, two at a time;
-    a second run finds every stage finished and only rebuilds the table."""
+    a second run finds every stage finished with the same settings, keeps them and only rebuilds the table."""
     out = tmp_path / "demo"
-    args = ["--model", tiny_llama, "--data_dir", sst2_dir, "--out", out, "--methods", "gradient_ascent_descent", "--jobs", 2]
+    args = ["--model_name", tiny_llama, "--data_dir", sst2_dir, "--output_path", out, "--methods", "gradient_ascent_descent",
+            "--jobs", 2]
     first = demo(*args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     stages = ("vanilla", "qlora", "retrained", "spul", "gradient_ascent_descent", "eco")
@@ -96,15 +97,47 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_llama, sst2_dir):
     again = demo(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr
-    skipped = next(line for line in said.splitlines() if line.startswith("finished earlier, skipped:"))
-    assert all(f"{m} eval" in skipped for m in stages) and " done in " not in said
+    kept = next(line for line in said.splitlines() if line.startswith("finished earlier with the same settings, kept:"))
+    assert all(f"{m} eval" in kept for m in stages) and " done in " not in said
     with open(out / "timings.json") as f:
         assert len(json.load(f)["stages_s"]) == 2 * len(stages) - 1  # the first run's figures are kept
 
 
 def test_demo_stops_with_the_failing_stage_named(tmp_path, tiny_llama):
-    proc = demo("--model", tiny_llama, "--data_dir", tmp_path / "missing", "--out", tmp_path / "d",
+    proc = demo("--model_name", tiny_llama, "--data_dir", tmp_path / "missing", "--output_path", tmp_path / "d",
                 "--skip", "vanilla,retrained,baselines,eco", "--jobs", 1)
     assert proc.returncode != 0
     assert "demo stopped: qlora failed" in proc.stderr and "Traceback" not in proc.stderr
     assert "missing" in proc.stderr  # the stage's own one-line error, from its log
+
+
+def test_demo_stages_are_kept_only_with_the_same_settings(tmp_path):
+    """Every stage of the demo runs with --resume --overwrite (kept when its settings are the same, run again when
+    they differ), and each scale writes to its own folder: a smoke run never stands in for the demo's results."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import argparse
+
+    import demo as demo_script
+
+    args = argparse.Namespace(output_path=str(tmp_path), data_dir="d", model_name="m", skip="", methods="npo")
+    for scale in demo_script.SCALES.values():
+        for job in demo_script.plan(args, scale):
+            assert "--resume" in job.args and "--overwrite" in job.args, job.name
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--help"], capture_output=True, text=True)
+    assert "runs/demo-<scale>" in proc.stdout
+
+
+def test_a_finished_stage_is_rerun_when_its_settings_differ(tiny_llama, sst2_dir, tmp_path):
+    """The mechanism behind the demo's and the recipes' reuse: same settings kept, other settings replaced only
+    with --overwrite (and named in the message)."""
+    from conftest import run_script
+
+    args = ["--model_name", tiny_llama, "--data_dir", sst2_dir, "--quantization", "none", "--max_retain", 8,
+            "--max_forget", 4, "--max_length", 64, "--train_batch_size", 4, "--output_path", tmp_path / "q", "--quiet"]
+    run_script("qlora.py", *args, "--max_steps", 1)
+    same = run_script("qlora.py", *args, "--max_steps", 1, "--resume", "--overwrite")
+    assert "nothing to do" in same.stdout
+    other = run_script("qlora.py", *args, "--max_steps", 2, "--resume", "--overwrite")
+    assert "replacing the finished run" in other.stdout and "max_steps: 1 → 2" in other.stdout
+    with open(tmp_path / "q" / "arguments.json") as f:
+        assert json.load(f)["max_steps"] == 2
