@@ -24,7 +24,7 @@ from collections import deque
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from utils.cli import make_parser, positive_int, run_main  # noqa: E402
+from utils.cli import UserError, add_bool, make_parser, positive_int, run_main  # noqa: E402
 from utils.data import default_data_dir  # noqa: E402
 from utils.methods import BASELINES  # noqa: E402
 from utils.runs import read_json, save_json  # noqa: E402
@@ -43,16 +43,22 @@ SCALES = {
         qlora=dict(num_epochs=2, train_batch_size=16, lr=1e-3, group_by_length=True),
         spul=dict(max_steps=160, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.25, beta=0.5, max_retain=256),
         baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=64),
-        eco=dict(search_rows=32)),
+        eco=dict(search_rows=32),
+        # --select: the grid of every method, scored on validation rows (scripts/select_settings.py); its choice, recorded in
+        # data/selected/demo.json, replaces the values above
+        select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[1.0, 1.25, 1.5]), baseline=dict(lr=[1e-5, 3e-5, 1e-4]),
+                    max_eval_rows=128)),
     # A pipeline check in a minute or two (any model): every stage for a step or two on a handful of rows.
     "smoke": dict(
         sizes=dict(max_retain=12, max_forget=6, max_length=64),
         eval=dict(max_eval_rows=4),
         qlora=dict(num_epochs=1, train_batch_size=6, lr=1e-3),
-        spul=dict(max_steps=2, train_batch_size=4, ptuning_num_tokens=2),
-        baseline=dict(max_steps=1, train_batch_size=4),
-        eco=dict(search_rows=4)),
+        spul=dict(max_steps=2, train_batch_size=4, ptuning_num_tokens=2, max_retain=8),
+        baseline=dict(max_steps=1, train_batch_size=4, max_retain=8),
+        eco=dict(search_rows=4),
+        select=dict(spul=dict(lr=[1e-3, 2e-3]), baseline=dict(lr=[1e-5, 1e-4]), max_eval_rows=4)),
 }
+SELECTED = os.path.join(ROOT, "data", "selected", "demo.json")  # the demo scale's choice, recorded with its command
 
 
 def flags(d):
@@ -73,8 +79,15 @@ class Job:
         self.output = output  # a stage folder or a results.json path
 
 
-def plan(args, scale):
+def stage_settings(scale, method, selected):
+    """The flags of one unlearning stage: the scale's, with the selected settings of `method` over them."""
+    base = dict(scale["spul" if method == "spul" else "baseline"])
+    return {**base, **selected.get(method, {})}
+
+
+def plan(args, scale, selected=None):
     """The jobs in priority order (the longest chains first; evaluations fill the gaps)."""
+    selected = selected or {}
     out = args.output_path
     data = [f"--data_dir={args.data_dir}"] if args.data_dir else ["--dataset=sst2"]
     sizes, ev = flags(scale["sizes"]), flags({**scale["eval"], "max_length": scale["sizes"]["max_length"]})
@@ -89,7 +102,7 @@ def plan(args, scale):
 
     qlora = os.path.join(out, "qlora")
     stage("qlora.py", "qlora", f"--model_name={args.model_name}", *flags(scale["qlora"]), after=())
-    stage("spul.py", "spul", f"--model_checkpoints={qlora}", *flags(scale["spul"]))
+    stage("spul.py", "spul", f"--model_checkpoints={qlora}", *flags(stage_settings(scale, "spul", selected)))
     if "retrained" not in skip:
         stage("qlora.py", "retrained", f"--model_name={args.model_name}", "--train_on=retain", *flags(scale["qlora"]), after=())
     if "eco" not in skip:
@@ -103,9 +116,65 @@ def plan(args, scale):
                              "--generate=false", *REUSE, "--quiet"], (), os.path.join(vanilla, "results.json")))
     if "baselines" not in skip:
         for m in filter(None, args.methods.split(",")):
-            stage("baselines.py", m, f"--model_checkpoints={qlora}", f"--unlearn_method={m}", *flags(scale["baseline"]))
+            stage("baselines.py", m, f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
+                  *flags(stage_settings(scale, m, selected)))
     # training jobs first in list order, each evaluation as soon as its model exists
     return jobs + evals
+
+
+def plan_selection(args, scale):
+    """--select: qlora.py, then scripts/select_settings.py for every method on its grid (the stage's other flags as the
+    demo runs it), two methods at a time."""
+    out = args.output_path
+    data = [f"--data_dir={args.data_dir}"] if args.data_dir else ["--dataset=sst2"]
+    qlora = os.path.join(out, "qlora")
+    jobs = [Job("qlora", "qlora.py", [*data, *flags(scale["sizes"]), f"--model_name={args.model_name}",
+                                      *flags(scale["qlora"]), f"--output_path={qlora}", *REUSE], (), qlora)]
+    grids = scale["select"]
+    for m in ["spul"] + [m for m in filter(None, args.methods.split(",")) if "baselines" not in args.skip]:
+        grid = grids["spul" if m == "spul" else "baseline"]
+        fixed = {k: v for k, v in scale["spul" if m == "spul" else "baseline"].items() if k not in grid}
+        cmd = [f"--model_checkpoints={qlora}", f"--method={m}", "--grid", *(f"{k}={','.join(map(str, v))}" for k, v in grid.items()),
+               f"--output_path={os.path.join(out, 'select', m)}", f"--max_eval_rows={grids['max_eval_rows']}", "--",
+               *flags(fixed)]
+        jobs.append(Job(f"select {m}", "scripts/select_settings.py", cmd, ["qlora"],
+                        os.path.join(out, "select", m, "selection.json")))
+    return jobs
+
+
+def record_selection(args, jobs, path):
+    """Gather the chosen settings of every method into one file the demo reads (committed for the demo scale)."""
+    methods = {}
+    for job in jobs:
+        if job.name.startswith("select "):
+            sel = read_json(job.output)
+            methods[sel["method"]] = {k: sel[k] for k in ("chosen", "qualified", "parent", "grid", "rule")}
+            methods[sel["method"]]["candidates"] = [{k: c[k] for k in ("settings", "forget_val", "retain_val",
+                                                                       "n_forget_val", "n_retain_val")}
+                                                    for c in sel["candidates"]]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_json(path, {"command": "python scripts/demo.py " + " ".join(sys.argv[1:]), "scale": args.scale,
+                     "model": args.model_name, "dataset": "sst2" if not args.data_dir else os.path.basename(args.data_dir),
+                     "methods": methods})
+    print(f"recorded the selected settings of {len(methods)} methods in {path}")
+
+
+def read_selected(args, path, explicit):
+    """{method: chosen settings} for this model and data, from the recorded selection ({} when it does not apply)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from select_settings import load_selection
+
+    data = read_json(path)
+    if data is None:
+        if explicit:
+            raise UserError(f"cannot read the selection file {path}")
+        return {}
+    dataset = "sst2" if not args.data_dir else os.path.basename(args.data_dir)
+    if not explicit and (os.path.basename(str(data.get("model"))) != os.path.basename(args.model_name)
+                         or data.get("dataset") != dataset):
+        print(f"{path} was selected for {data.get('model')} on {data.get('dataset')}: using the scale's own settings")
+        return {}
+    return {m: load_selection(path, m, args.model_name, dataset) for m in data.get("methods", {})}
 
 
 def run_jobs(jobs, n_jobs, log_dir, threads):
@@ -146,7 +215,7 @@ def run_jobs(jobs, n_jobs, log_dir, threads):
             bar.update(1)
             with open(log.name) as f:
                 said = f.read()
-            if any(k in said for k in KEPT):
+            if any(k in said for k in KEPT) and not job.name.startswith("select "):
                 kept.append(name)
                 continue
             seconds[name] = time.time() - t0
@@ -171,19 +240,29 @@ def main():
     p.add_argument("--scale", choices=sorted(SCALES), default="demo",
                    help="demo: the sizes of README's table; smoke: a one-minute check that every stage runs")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="stages run side by side")
+    add_bool(p, "--select", help="instead of the demo: choose every method's settings on validation rows "
+                                 "(scripts/select_settings.py over the scale's grids) and record them in --selection")
+    p.add_argument("--selection", default=None,
+                   help="the recorded selected settings (default: data/selected/demo.json at the demo scale, "
+                        "OUTPUT_PATH/selection.json otherwise)")
     args = p.parse_args()
     bad = [m for m in filter(None, args.methods.split(",")) if m not in BASELINES]
     if bad:
         p.error(f"unknown method {', '.join(bad)} in --methods: choose from {', '.join(BASELINES)}")
     args.output_path = args.output_path or os.path.join(ROOT, "runs", "demo" if args.scale == "demo" else f"demo-{args.scale}")
     args.out = args.output_path
+    explicit = args.selection is not None
+    args.selection = args.selection or (SELECTED if args.scale == "demo" else os.path.join(args.out, "selection.json"))
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     t0 = time.time()
 
     from utils.modeling import resolve_model
 
     resolve_model(args.model_name)  # the embedded model is converted once here, not by stages started side by side
-    jobs = plan(args, SCALES[args.scale])
+    if args.select:
+        jobs = plan_selection(args, SCALES[args.scale])
+    else:
+        jobs = plan(args, SCALES[args.scale], read_selected(args, args.selection, explicit))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(jobs)} stages, {args.jobs} at a time, {threads} thread(s) each; logs in {os.path.join(args.out, 'logs')}",
           flush=True)
@@ -194,6 +273,9 @@ def main():
             tail = f.read().splitlines()[-15:]
         print("\n".join(["", f"--- last lines of {log} ---", *tail]), file=sys.stderr)
         sys.exit(f"demo stopped: {job.name} failed (see {log}); re-run `make demo` to resume")
+    if args.select:
+        record_selection(args, jobs, args.selection)
+        return
 
     # wall seconds of each stage (a resumed run keeps the figures of the stages it skipped), for README's figures
     timings = os.path.join(args.out, "timings.json")
