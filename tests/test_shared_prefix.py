@@ -1,7 +1,8 @@
 """utils.soft_prompt's shared prefix: the virtual tokens' keys/values computed once per batch (or once
 at inference) give the full path's logits and prompt-encoder gradients, in eval and train mode and
-under gradient checkpointing, on batches with different left padding; the prefix is never dropped
-silently, and a model the shared path cannot serve runs the full path with one notice."""
+under gradient checkpointing, on batches with different left padding: in float64 to 1e-12 (the same
+function, exactly), in fp32 to float rounding. The prefix is never dropped silently, and a model the
+shared path cannot serve runs the full path with one notice."""
 import contextlib
 import functools
 
@@ -24,10 +25,11 @@ LABELS = [1, 1, 1, 0, 0, 0]
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32; atol only for values near zero
 
 
-def _close(actual, expected, scaled=False):
-    """Within rtol 1e-5; near zero within atol 1e-6, or (scaled) 1e-5 of the tensor's largest value: on
-    SmolLM2 the full path itself moves by ~3e-6 of that scale when a batch gets more padding (float rounding)."""
-    atol = 1e-5 * expected.abs().max().item() if scaled else TOL["atol"]
+def _close(actual, expected, scale=None):
+    """Within rtol 1e-5; near zero within atol 1e-6, or within `scale` times the tensor's largest value (SmolLM2:
+    30 layers of fp32 rounding, ~3e-6 of the logits' scale, as the full path moves when a batch gets more
+    padding; its prompt-encoder gradients are themselves ~4e-4 of their scale from float64 on a 32-row batch)."""
+    atol = scale * expected.abs().max().item() if scale else TOL["atol"]
     torch.testing.assert_close(actual, expected, rtol=TOL["rtol"], atol=atol)
 
 
@@ -66,13 +68,13 @@ def _run(model, batch, shared, keep):
     return logits[:, -keep:].detach(), grads
 
 
-def _assert_same(model, batch, keep, scaled=False):
+def _assert_same(model, batch, keep, logit_scale=None, grad_scale=None):
     full, g_full = _run(model, batch, False, keep)
     shared, g_shared = _run(model, batch, True, keep)
-    _close(shared, full, scaled)
+    _close(shared, full, logit_scale)
     assert g_full and g_shared.keys() == g_full.keys() and all("prompt_encoder" in n for n in g_full)
     for n in g_full:
-        _close(g_shared[n], g_full[n], scaled)
+        _close(g_shared[n], g_full[n], grad_scale)
 
 
 def _spy_shared(monkeypatch):
@@ -97,6 +99,39 @@ def test_shared_prefix_gives_the_full_paths_logits_and_gradients(name, mode, kee
     calls = _spy_shared(monkeypatch)
     _assert_same(model, batch, keep)
     assert len(calls) == 1  # the shared path ran (no fallback)
+
+
+def _rmsnorm_in_input_dtype(monkeypatch):
+    """transformers' LlamaRMSNorm computes in float32 whatever the input dtype, which would cap a float64
+    comparison at float32 precision; the same norm in the input's dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
+
+
+def _assert_exact_in_float64(model, batch):
+    """In float64 the two paths agree to rounding (~1e-15 of each tensor's scale): the shared prefix
+    computes the same function and the same gradient; in fp32 they differ by float rounding only."""
+    model.double()
+    for keep in (1, 3):
+        full, g_full = _run(model, batch, False, keep)
+        shared, g_shared = _run(model, batch, True, keep)
+        assert full.dtype == torch.float64
+        for a, b in [(shared, full)] + [(g_shared[n], g_full[n]) for n in g_full]:
+            assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_opt"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefix_is_exact_in_float64(name, checkpointing, request, tokenizer, monkeypatch):
+    _rmsnorm_in_input_dtype(monkeypatch)
+    model = _tiny(name, request)
+    if checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    _assert_exact_in_float64(model, _batch(tokenizer))
 
 
 def test_checkpointing_really_checkpoints_and_leaves_the_layers_as_they_were(tiny_llama, tokenizer):
@@ -160,10 +195,15 @@ def test_cached_prefix_matches_the_full_path_across_batches(name, request, token
             q.mul_(1.5)
         check()
         assert len(runs) == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # keys/values of other dtypes: computed again
+            model(batches[1]["input_ids"], batches[1]["attention_mask"])
+        assert len(runs) == 3
+        check()
+        assert len(runs) == 4
     model.train()  # training computes it afresh every forward
     model(batches[1]["input_ids"], batches[1]["attention_mask"])
     model(batches[1]["input_ids"], batches[1]["attention_mask"])
-    assert len(runs) == 4 and model._cached_prefix is None
+    assert len(runs) == 6 and model._cached_prefix is None
 
 
 def test_scoring_and_greedy_decoding_are_the_same_on_both_paths(tiny_llama, tokenizer):
@@ -286,12 +326,24 @@ def test_old_import_paths_still_work(tiny_llama):
 
 # ------------------------------------------------------------------ SmolLM2-135M, real SST-2 rows
 
+def _sst2_rows(sst2_dir, n=6):
+    from utils.data import load_splits, sample_rows
+
+    return sample_rows(load_splits(data_dir=sst2_dir, splits=("train_retain",))["train_retain"], n, seed=0)
+
+
+@pytest.mark.e2e
+def test_smollm2_shared_prefix_is_exact_in_float64(smol_path, tokenizer, sst2_dir, monkeypatch):
+    _rmsnorm_in_input_dtype(monkeypatch)
+    rows = _sst2_rows(sst2_dir)
+    model = _model(smol_path, p=10, perturb=0.0).train()
+    _assert_exact_in_float64(model, _batch(tokenizer, [r["text"] for r in rows], [r["label"] for r in rows]))
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_smollm2_shared_prefix_matches_the_full_path(checkpointing, smol_path, tokenizer, sst2_dir, monkeypatch):
-    from utils.data import load_splits, sample_rows
-
-    rows = sample_rows(load_splits(data_dir=sst2_dir, splits=("train_retain",))["train_retain"], 6, seed=0)
+    rows = _sst2_rows(sst2_dir)
     b = _batch(tokenizer, [r["text"] for r in rows], [r["label"] for r in rows])
     assert len(set(b["attention_mask"].sum(1).tolist())) > 3
     model = _model(smol_path, p=10, perturb=0.0)  # the initial encoder: virtual tokens of the embeddings' norm
@@ -300,7 +352,7 @@ def test_smollm2_shared_prefix_matches_the_full_path(checkpointing, smol_path, t
     model.train()
     calls = _spy_shared(monkeypatch)
     for keep in (1, 3):
-        _assert_same(model, b, keep, scaled=True)
+        _assert_same(model, b, keep, logit_scale=1e-5, grad_scale=3e-5)  # measured: 3.0e-6 and 7.1e-6
     assert len(calls) == 2
     model.eval()
     with torch.no_grad():
@@ -308,4 +360,4 @@ def test_smollm2_shared_prefix_matches_the_full_path(checkpointing, smol_path, t
             model.shared_prefix = False
             full = model(sub["input_ids"], sub["attention_mask"], keep=3)
             model.shared_prefix = True
-            _close(model(sub["input_ids"], sub["attention_mask"], keep=3), full, scaled=True)
+            _close(model(sub["input_ids"], sub["attention_mask"], keep=3), full, 1e-5)

@@ -1,6 +1,7 @@
 """The soft-prompt model: a frozen causal LM with a PEFT P-tuning prompt encoder in front of every query.
 
-Two forwards give the same logits and prompt-encoder gradients:
+Two forwards compute the same logits and prompt-encoder gradients (in float64 they agree to 1e-12; in
+fp32 to float rounding):
 - full: the p virtual tokens are prepended to every row and the whole sequence runs (the original path);
 - shared prefix (default): in a causal decoder the virtual tokens come first and attend only to each
   other, so their keys/values at every layer are the same for every row. They are computed once, as a
@@ -114,10 +115,12 @@ class SoftPromptLM(nn.Module):
 
     def _prompt_state(self):
         """Changes whenever the prompt encoder's weights do (an in-place update bumps a tensor's version),
-        or the adapter, device or dtype the prefix is computed for."""
+        or the adapter, device, dtype or autocast the prefix is computed for."""
         enc = self.peft_model.prompt_encoder[self.peft_model.active_adapter]
         weight = self.lm.get_input_embeddings().weight
-        return (self.peft_model.active_adapter, weight.device, weight.dtype,
+        kind = weight.device.type
+        autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
+        return (self.peft_model.active_adapter, weight.device, weight.dtype, autocast,
                 tuple((id(p), p._version, p.device, p.dtype) for p in enc.parameters()))
 
     def _shared_prefix_usable(self):
@@ -144,7 +147,7 @@ def _shared_prefix_blocker(lm):
         return f"dropout in training ({', '.join(f'{k}={v}' for k, v in sorted(drops.items()))})"
     checkpointed = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     if checkpointed and "_can_checkpoint_with_cache" not in vars(GradientCheckpointingLayer):
-        return "this transformers drops past keys/values under gradient checkpointing"
+        return "this transformers version drops past keys/values under gradient checkpointing"
     if any(getattr(m._gradient_checkpointing_func, "keywords", {}).get("use_reentrant") is not False for m in checkpointed):
         return "reentrant gradient checkpointing carries no gradient through past keys/values"
     return None
@@ -175,7 +178,9 @@ class _RecordLayer(DynamicLayer):
     them with equal states instead of appending a second copy."""
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.keys, self.values, self.is_initialized = key_states, value_states, True
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
         return key_states, value_states
 
 
@@ -186,7 +191,8 @@ class _PrefixLayer(DynamicLayer):
 
     def __init__(self, keys, values):
         super().__init__()
-        self.keys, self.values, self.is_initialized = keys, values, True
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
 
     def update(self, key_states, value_states, *args, **kwargs):
         rows = key_states.shape[0]
