@@ -38,19 +38,12 @@ def parse_args(argv=None):
     return args
 
 
-def build_prompt_model(lm, num_tokens, hidden_size):
-    """PEFT P-tuning (MLP reparameterisation) on top of the frozen LM, wrapped for tail-only forwards."""
-    from peft import PromptEncoderConfig, PromptEncoderReparameterizationType, get_peft_model
+def build_prompt_model(lm, num_tokens, hidden_size, shared_prefix=True):
+    """utils.soft_prompt.build_prompt_model, importable from here until the callers move (imported on call:
+    transformers loads only after the arguments are checked)."""
+    from utils.soft_prompt import build_prompt_model as build
 
-    from utils.modeling import SoftPromptLM
-
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    cfg = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_tokens, encoder_hidden_size=hidden_size,
-                              encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP)
-    peft_model = get_peft_model(lm, cfg)
-    peft_model.prompt_encoder.float()  # trainable part in fp32 even when the LLM runs in bf16
-    return SoftPromptLM(peft_model)
+    return build(lm, num_tokens, hidden_size, shared_prefix)
 
 
 def main():

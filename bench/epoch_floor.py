@@ -23,11 +23,11 @@ import torch
 def main():
     args = common.parser(__doc__, "epoch_floor").parse_args()
     common.check(args)
-    from spul import build_prompt_model
     from utils.methods import METHODS, build_training_rows
     from utils.modeling import device
     from utils.prompts import LeftPadCollator, position_ids_from_mask
     from utils.reference import CachedReference, fill_reference_cache
+    from utils.soft_prompt import build_prompt_model
 
     env, tokenizer, lm, model_name = common.setup(args)
     dev = device()

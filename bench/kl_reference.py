@@ -34,12 +34,12 @@ def main():
     p.add_argument("--kl_rows", type=int, default=128, help="real retain rows the KL error is measured on (default 128)")
     args = p.parse_args()
     common.check(args)
-    from spul import build_prompt_model
     from utils.losses import kl_full, kl_topk, label_position_logits
     from utils.methods import METHODS, RETAIN, build_training_rows
     from utils.modeling import device
     from utils.prompts import LeftPadCollator
     from utils.reference import CachedReference, OnlineReference, fill_reference_cache
+    from utils.soft_prompt import build_prompt_model
 
     env, tokenizer, lm, model_name = common.setup(args)
     dev = device()

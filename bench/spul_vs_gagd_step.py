@@ -3,7 +3,7 @@
     python bench/spul_vs_gagd_step.py                      # SmolLM2-135M, batch 16, 5 timed steps each
     python bench/spul_vs_gagd_step.py --model_checkpoints runs/qlora-sst2 --batch_size 32 --steps 20
 
-SPUL: the frozen LLM with a P-tuning prompt encoder (spul.build_prompt_model), objective
+SPUL: the frozen LLM with a P-tuning prompt encoder (utils.soft_prompt.build_prompt_model), objective
 METHODS['spul'] with the compact KL cache, AdamW on the prompt encoder only. GA+GD: full fine-tuning
 of the same LLM (utils.training.TailLM), objective METHODS['gradient_ascent_descent'], AdamW on all
 weights. Both take the same real SST-2 rows (forget rows towards generic labels for SPUL, towards
@@ -23,11 +23,11 @@ import torch
 def main():
     args = common.parser(__doc__, "spul_vs_gagd_step").parse_args()
     common.check(args)
-    from spul import build_prompt_model
     from utils.methods import METHODS, build_training_rows
     from utils.modeling import count_trainable, device
     from utils.prompts import LeftPadCollator
     from utils.reference import CachedReference, fill_reference_cache
+    from utils.soft_prompt import build_prompt_model
     from utils.training import TailLM
 
     env, tokenizer, lm, model_name = common.setup(args)

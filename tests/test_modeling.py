@@ -1,5 +1,6 @@
 """Model loading (the embedded SmolLM2 offline, local folders), tail-only forwards on left-padded
-batches, the soft-prompt wrapper's independence from padding, and the weights fingerprint."""
+batches, the soft-prompt wrapper's independence from padding (full and shared-prefix paths), and the
+weights fingerprint."""
 import os
 
 import pytest
@@ -111,16 +112,17 @@ def test_tail_logits_on_a_left_padded_batch_match_single_rows(name, request, tok
         assert torch.allclose(out3[0], full, atol=1e-5)
 
 
-def _soft_prompt(path, seed=0):
-    import spul
+def _soft_prompt(path, seed=0, shared_prefix=True):
+    from utils.soft_prompt import build_prompt_model
 
     torch.manual_seed(seed)
-    return spul.build_prompt_model(load_model(path), 5, 16).eval()
+    return build_prompt_model(load_model(path), 5, 16, shared_prefix=shared_prefix).eval()
 
 
+@pytest.mark.parametrize("shared_prefix", [True, False])
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_opt"])
-def test_soft_prompt_results_do_not_depend_on_left_padding(name, request, tokenizer):
-    model = _soft_prompt(request.getfixturevalue(name))
+def test_soft_prompt_results_do_not_depend_on_left_padding(name, shared_prefix, request, tokenizer):
+    model = _soft_prompt(request.getfixturevalue(name), shared_prefix=shared_prefix)
     pad = tokenizer.pad_token_id
     with torch.no_grad():
         batch = _batch(pad)
@@ -139,8 +141,9 @@ def test_soft_prompt_results_do_not_depend_on_left_padding(name, request, tokeni
         assert not torch.allclose(ref, together, atol=1e-3)
 
 
-def test_soft_prompt_gradients_reach_only_the_prompt_encoder(tiny_llama, tokenizer):
-    model = _soft_prompt(tiny_llama).train()
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_soft_prompt_gradients_reach_only_the_prompt_encoder(shared_prefix, tiny_llama, tokenizer):
+    model = _soft_prompt(tiny_llama, shared_prefix=shared_prefix).train()
     batch = _batch(tokenizer.pad_token_id)
     model(batch["input_ids"], batch["attention_mask"], keep=1).float().logsumexp(-1).sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -7,7 +7,6 @@ import shutil
 import warnings
 
 import torch
-from torch import nn
 
 from .cli import UserError
 from .prompts import position_ids_from_mask
@@ -166,33 +165,13 @@ def check_adapter_base(folder, expected):
 
 # ---------------------------------------------------------------- tail-only forwards
 
-class SoftPromptLM(nn.Module):
-    """A frozen causal LM with a PEFT P-tuning prompt encoder in front of every query.
+def __getattr__(name):
+    # SoftPromptLM moved to utils.soft_prompt; importable from here until the callers move
+    if name == "SoftPromptLM":
+        from .soft_prompt import SoftPromptLM
 
-    The virtual tokens are prepended to the (left-padded) input embeddings; position ids are
-    counted over real tokens, so results do not depend on how much padding a batch has.
-    Only the last `keep` positions' logits are computed. `reference=True` runs the frozen model
-    without the prompt (the KL reference of the paper).
-    """
-
-    def __init__(self, peft_model):
-        super().__init__()
-        self.peft_model = peft_model
-
-    @property
-    def lm(self):
-        return self.peft_model.get_base_model()
-
-    def forward(self, input_ids, attention_mask, keep=1, reference=False):
-        if reference:
-            return tail_logits(self.lm, input_ids, attention_mask, keep)
-        embeds = self.lm.get_input_embeddings()(input_ids)
-        virtual = self.peft_model.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)
-        embeds = torch.cat([virtual, embeds], dim=1)
-        mask = torch.cat([attention_mask.new_ones(virtual.shape[:2]), attention_mask], dim=1)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                      logits_to_keep=keep, use_cache=False)
-        return out.logits
+        return SoftPromptLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tail_logits(model, input_ids, attention_mask, keep=1, **kw):

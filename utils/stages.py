@@ -158,7 +158,7 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False):
         return Stage(TailLM(lm), _tokenizer([name, info["model_name"]], set_pad), _finish(out, stage, name, info))
 
     if stage == "spul":
-        from .modeling import SoftPromptLM
+        from .soft_prompt import SoftPromptLM
 
         parent, pinfo = _parent(name, info)
         lm, base = _start_model(parent, pinfo, dtype)
