@@ -43,6 +43,9 @@ def parse_args(argv=None):
                         "(default: on for a pre-trained model, off otherwise)")
     g.add_argument("--max_new_tokens", type=positive_int, default=5, help="tokens generated per answer with --generate")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA if supported, else fp32")
+    g.add_argument("--shared_prefix", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="a spul folder: compute its soft prompt once and reuse it for every batch (default), or prepend "
+                        "it to every row (false); the same numbers either way")
     g.add_argument("--output_path", default=None,
                    help="results file (*.json) or folder for results.json (default: the checkpoint folder; runs/ for a pre-trained model)")
     g.add_argument("--seed", type=int, default=42, help="seed of the --max_eval_rows draw")
@@ -143,6 +146,8 @@ def main():
     set_seed(args.seed)
     # data first (settings the stage trained with): mistakes cost seconds, not a model load
     trained = stage_arguments(args.model_checkpoints)
+    if args.shared_prefix is not None and trained.get("stage") != "spul":
+        raise UserError(f"--shared_prefix is for a spul.py folder; {args.model_checkpoints} has no soft prompt")
     if trained:
         args.model_checkpoints = os.path.abspath(args.model_checkpoints)
     resolve_data_settings(args, trained, args.model_checkpoints)
@@ -164,7 +169,7 @@ def main():
     # model: whatever stage wrote the folder
     t0 = time.time()
     dtype = resolve_dtype(args.precision)
-    model, tokenizer, info = load_stage(args.model_checkpoints, dtype, args.set_pad_id)
+    model, tokenizer, info = load_stage(args.model_checkpoints, dtype, args.set_pad_id, args.shared_prefix is not False)
     dev = device()
     model.to(dev)
     encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, **info["encoder_kwargs"])

@@ -12,7 +12,7 @@ from the last one).
 """
 import os
 
-from utils.cli import (UserError, add_data_args, add_model_args, add_training_args, check_training_args, comma_list,
+from utils.cli import (UserError, add_bool, add_data_args, add_model_args, add_training_args, check_training_args, comma_list,
                        make_parser, nonneg_float, positive_int, run_main, set_seed)
 
 
@@ -33,17 +33,12 @@ def parse_args(argv=None):
                    help="cache: the frozen model's top-k label distribution, computed once per row (and kept on disk "
                         "for later runs on the same model); online: a prompt-free forward every step")
     g.add_argument("--kl_topk", type=positive_int, default=32, help="k of the compact KL cache")
+    add_bool(g, "--shared_prefix", default=True,
+             help="compute the p virtual tokens once per batch and run the rows on their keys/values (the same numbers "
+                  "as prepending them to every row, which false does; utils/soft_prompt.py)")
     args = p.parse_args(argv)
     check_training_args(args)
     return args
-
-
-def build_prompt_model(lm, num_tokens, hidden_size, shared_prefix=True):
-    """utils.soft_prompt.build_prompt_model, importable from here until the callers move (imported on call:
-    transformers loads only after the arguments are checked)."""
-    from utils.soft_prompt import build_prompt_model as build
-
-    return build(lm, num_tokens, hidden_size, shared_prefix)
 
 
 def main():
@@ -54,6 +49,7 @@ def main():
     from utils.prompts import LeftPadCollator, PromptEncoder
     from utils.reference import ReferenceCache, make_reference, store_path
     from utils.runs import default_output, finish_run, inherit, prepare_run, remove_checkpoints, save_arguments, short_name
+    from utils.soft_prompt import build_prompt_model
     from utils.stages import load_start_model, start_point
 
     # the model it starts from and the data, checked before any model is loaded: mistakes cost seconds
@@ -86,7 +82,7 @@ def main():
     # model: merged, frozen LLM + trainable prompt encoder
     dtype = resolve_dtype(args.precision)
     lm, _ = load_start_model(args.model_checkpoints, dtype=dtype, device=targs.device)
-    model = build_prompt_model(lm, args.ptuning_num_tokens, args.ptuning_hidden_size)
+    model = build_prompt_model(lm, args.ptuning_num_tokens, args.ptuning_hidden_size, args.shared_prefix)
     enable_gradient_checkpointing(args, lm)
     n_trainable = count_trainable(model)
     print(f"trainable parameters: {n_trainable:,} (p={args.ptuning_num_tokens}, d={lm.config.hidden_size}); LLM frozen")

@@ -101,7 +101,7 @@ def test_mia_auc_interval():
 def test_soft_prompt_offset(tiny_llama, tokenizer):
     """Scoring a prompt-tuned model = a manual forward with the p prompt embeddings prepended, last position;
     not the position the released scripts read (the label position computed without the p-token offset)."""
-    from spul import build_prompt_model
+    from utils.soft_prompt import build_prompt_model
     from utils.modeling import load_model
 
     torch.manual_seed(0)

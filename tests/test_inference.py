@@ -85,7 +85,7 @@ def test_set_pad_id_is_accepted_and_honoured(tiny_llama, tmp_path):
 
 
 def test_spul_stage_applies_the_prompt(tiny_spul, tiny_qlora, tiny_llama, tokenizer):
-    from utils.modeling import SoftPromptLM
+    from utils.soft_prompt import SoftPromptLM
 
     model, tok, info = load_stage(tiny_spul)
     assert isinstance(model, SoftPromptLM)

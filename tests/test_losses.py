@@ -237,11 +237,11 @@ def test_spul_weights_and_beta_zero():
 def test_online_reference_is_deterministic_and_matches_the_cache_under_dropout(tiny_opt):
     """OPT has dropout 0.1: in a training step (train mode) the online reference must still be the frozen
     model's exact distribution, as the cache (filled in eval mode) stores it."""
-    import spul
     from utils.modeling import load_model
+    from utils.soft_prompt import build_prompt_model
 
     torch.manual_seed(0)
-    model = spul.build_prompt_model(load_model(tiny_opt), 4, 16)
+    model = build_prompt_model(load_model(tiny_opt), 4, 16)
     assert model.lm.config.dropout > 0
     V = model.lm.config.vocab_size
     items = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE] * 4 + [9], "role": RETAIN},

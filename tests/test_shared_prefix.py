@@ -3,6 +3,7 @@ at inference) give the full path's logits and prompt-encoder gradients, in eval 
 under gradient checkpointing, on batches with different left padding: in float64 to 1e-12 (the same
 function, exactly), in fp32 to float rounding. The prefix is never dropped silently, and a model the
 shared path cannot serve runs the full path with one notice."""
+import json
 import contextlib
 import functools
 
@@ -314,14 +315,11 @@ def test_bf16_lm_keeps_an_fp32_prompt_encoder(tiny_llama, tokenizer):
     assert model._cached_prefix[1][0][0].dtype == torch.bfloat16
 
 
-def test_old_import_paths_still_work(tiny_llama):
+def test_spul_trains_on_the_shared_prefix_unless_told_otherwise():
     import spul
-    from utils.modeling import SoftPromptLM as moved
 
-    assert moved is SoftPromptLM
-    model = spul.build_prompt_model(load_model(tiny_llama), 4, 16)
-    assert isinstance(model, SoftPromptLM) and model.shared_prefix
-    assert not spul.build_prompt_model(load_model(tiny_llama), 4, 16, shared_prefix=False).shared_prefix
+    assert spul.parse_args(["--model_checkpoints", "m"]).shared_prefix is True
+    assert spul.parse_args(["--model_checkpoints", "m", "--shared_prefix", "false"]).shared_prefix is False
 
 
 # ------------------------------------------------------------------ SmolLM2-135M, real SST-2 rows
@@ -361,3 +359,28 @@ def test_smollm2_shared_prefix_matches_the_full_path(checkpointing, smol_path, t
             full = model(sub["input_ids"], sub["attention_mask"], keep=3)
             model.shared_prefix = True
             _close(model(sub["input_ids"], sub["attention_mask"], keep=3), full, 1e-5)
+
+
+def test_shared_prefix_is_refused_for_a_model_without_a_soft_prompt(tiny_qlora):
+    from conftest import one_line_error, run_script
+
+    proc = run_script("inference_spul.py", "--model_checkpoints", tiny_qlora, "--shared_prefix", "true", check=False)
+    assert "--shared_prefix is for a spul.py folder" in one_line_error(proc)
+
+
+def test_a_checkpoint_evaluates_identically_on_both_paths(tiny_qlora, sst2_dir, tmp_path):
+    """Trained on the shared prefix, scored with and without it: the same results.json metrics."""
+    from conftest import run_script
+
+    out = tmp_path / "spul"
+    run_script("spul.py", "--model_checkpoints", tiny_qlora, "--max_steps", 2, "--ptuning_num_tokens", 3,
+               "--train_batch_size", 8, "--lr", 1e-2, "--output_path", out, "--quiet")
+    res = []
+    for flag in ("true", "false"):
+        dest = tmp_path / f"{flag}.json"
+        run_script("inference_spul.py", "--model_checkpoints", out, "--max_eval_rows", 8, "--shared_prefix", flag,
+                   "--output_path", dest, "--quiet")
+        res.append(json.loads(dest.read_text()))
+    for split in res[0]["metrics"]:
+        for k in ("accuracy", "f1", "label_accuracy", "mean_true_nll"):
+            assert res[0]["metrics"][split][k] == pytest.approx(res[1]["metrics"][split][k], rel=1e-5), (split, k)

@@ -14,7 +14,9 @@ import spul
 from conftest import one_line_error, run_script, write_split_dir
 from utils.data import load_splits
 from utils.evaluation import classification_metrics, predict_rows
-from utils.modeling import SoftPromptLM, count_trainable, load_merged_model, load_tokenizer, weights_fingerprint
+from utils import soft_prompt
+from utils.modeling import count_trainable, load_merged_model, load_tokenizer, weights_fingerprint
+from utils.soft_prompt import SoftPromptLM
 from utils.prompts import PromptEncoder
 from utils.training import TailLM
 
@@ -53,7 +55,7 @@ def test_trainable_parameters_match_the_paper(name):
     lm = _meta_model(cfg)
     n_llm = sum(p.numel() for p in lm.parameters())
     assert n_llm > 1e9  # the real shapes, never materialised
-    model = spul.build_prompt_model(lm, 30, 128)
+    model = soft_prompt.build_prompt_model(lm, 30, 128)
     assert count_trainable(model) == expected
     d = cfg.hidden_size
     # the paper's encoder: p x d embeddings, then Linear d->128, ReLU, Linear 128->128, ReLU, Linear 128->d
@@ -146,23 +148,23 @@ def toy_spul(toy_qlora, toy_dir):
     """spul.py's main() in this process, so that the trained model itself can be inspected afterwards."""
     out = os.path.join(os.path.dirname(toy_qlora), "spul")
     seen = {}
-    build = spul.build_prompt_model
+    build = soft_prompt.build_prompt_model
 
-    def spy(lm, num_tokens, hidden_size):
-        model = build(lm, num_tokens, hidden_size)
+    def spy(lm, num_tokens, hidden_size, shared_prefix=True):
+        model = build(lm, num_tokens, hidden_size, shared_prefix)
         seen["model"] = model
         seen["llm_before"] = weights_fingerprint(lm)
         seen["prompt_before"] = {k: v.detach().clone() for k, v in model.peft_model.prompt_encoder.state_dict().items()}
         return model
 
-    spul.build_prompt_model = spy
+    soft_prompt.build_prompt_model = spy
     try:
         with _argv(["--model_checkpoints", toy_qlora, "--data_dir", toy_dir, "--max_length", MAX_LENGTH,
                     "--train_batch_size", 16, "--num_epochs", 20, "--lr", 1e-2, "--ptuning_num_tokens", 10,
                     "--alpha", 1.0, "--beta", 0.5, "--logging_steps", 5, "--output_path", out, "--quiet"]):
             spul.main()
     finally:
-        spul.build_prompt_model = build
+        soft_prompt.build_prompt_model = build
     seen["out"] = out
     return seen
 

@@ -165,15 +165,6 @@ def check_adapter_base(folder, expected):
 
 # ---------------------------------------------------------------- tail-only forwards
 
-def __getattr__(name):
-    # SoftPromptLM moved to utils.soft_prompt; importable from here until the callers move
-    if name == "SoftPromptLM":
-        from .soft_prompt import SoftPromptLM
-
-        return SoftPromptLM
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def tail_logits(model, input_ids, attention_mask, keep=1, **kw):
     """Logits of the last `keep` positions only: [B, keep, V]."""
     out = model(input_ids=input_ids, attention_mask=attention_mask,

@@ -24,7 +24,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # Flags that change where or how visibly a run goes, not what it computes: two runs that differ only
 # here are the same run.
 RUN_ONLY = {"output_path", "overwrite", "resume", "quiet", "report_to", "logging_steps", "save_steps",
-            "save_total_limit", "keep_checkpoints", "eval_batch_size", "gradient_checkpointing"}
+            "save_total_limit", "keep_checkpoints", "eval_batch_size", "gradient_checkpointing", "shared_prefix"}
 
 
 def settings_of(args, stage=None):

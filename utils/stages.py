@@ -123,9 +123,10 @@ def load_start_model(name, dtype=torch.float32, device=None):
     return load_model(name, dtype=dtype, device=device), str(name)
 
 
-def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False):
+def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False, shared_prefix=True):
     """Load the model a stage wrote (or a pre-trained model). Returns Stage(model, tokenizer, info).
-    `set_pad_id` forces pad = EOS (also taken from the stage's arguments.json)."""
+    `set_pad_id` forces pad = EOS (also taken from the stage's arguments.json); `shared_prefix` picks the
+    soft-prompt forward of a spul folder (utils/soft_prompt.py: the same numbers either way)."""
     from .training import TailLM
 
     name = str(path_or_name)
@@ -164,7 +165,7 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False):
         lm, base = _start_model(parent, pinfo, dtype)
         peft_model = _with_adapter(lm, name, base, "prompt")
         peft_model.eval()
-        model = SoftPromptLM(peft_model)
+        model = SoftPromptLM(peft_model, shared_prefix)
         out = {"method": "spul", "model": base, "parent": parent,
                "encoder_kwargs": {"generic_labels": _generic(info)}}
         return Stage(model, _tokenizer([name, parent, base], set_pad), _finish(out, stage, name, info))
