@@ -264,7 +264,8 @@ def test_text_labels_and_own_columns(tmp_path):
 
 
 def test_reference_is_computed_only_for_rows_that_need_it(tiny_qlora, sst2_dir, tmp_path):
-    """GA+KL needs the reference on retain rows only, NPO on forget rows only."""
+    """GA+KL needs the reference on retain rows only, NPO on forget rows only; a baseline computes all of them
+    before its first step (its weights move from then on), here 16 retain rows for a run of one 8-row step."""
     for method, role_rows in (("gradient_ascent_kl", 16), ("npo", 8)):
         out = tmp_path / method
         run_script("baselines.py", "--model_checkpoints", tiny_qlora, "--data_dir", sst2_dir, "--unlearn_method", method,
@@ -311,3 +312,18 @@ def test_ci_builds_a_new_environment_every_time():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci = f.read()
     assert "venv" in ci and "mktemp" in ci and "make test" in ci
+
+
+def test_spul_computes_the_reference_only_for_rows_it_trains_on_and_reuses_it(tiny_qlora, sst2_dir, tmp_path):
+    """SPUL's LLM never changes: a retain row's reference is computed the first time the row is seen, so a
+    one-step run pays for at most its 8 rows (not all 16), and a second run on the same model reads them."""
+    common = ["--model_checkpoints", tiny_qlora, "--max_retain", 16, "--max_forget", 8, "--train_batch_size", 8,
+              "--ptuning_num_tokens", 2, "--kl_topk", 5, "--quiet"]  # k = 5: a store of its own in the qlora folder
+    run_script("spul.py", *common, "--max_steps", 1, "--output_path", tmp_path / "a")
+    first = json.loads((tmp_path / "a" / "arguments.json").read_text())["reference_cache"]
+    assert 0 < first["computed"] <= 8 and first["reused"] == 0
+    proc = run_script("spul.py", *common, "--max_steps", 3, "--alpha", 1.0, "--output_path", tmp_path / "b")
+    second = json.loads((tmp_path / "b" / "arguments.json").read_text())["reference_cache"]
+    assert second["reused"] == first["computed"] and second["path"] == first["path"]
+    assert f"reference cache: {first['computed']:,} of 24 rows reused" in proc.stdout
+    assert second["reused"] + second["computed"] == 16  # three steps of 8 rows saw every row
