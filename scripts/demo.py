@@ -48,6 +48,16 @@ SCALES = {
         # data/selected/demo.json, replaces the values above
         select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[1.0, 1.25, 1.5]), baseline=dict(lr=[1e-5, 3e-5, 1e-4]),
                     max_eval_rows=128)),
+    # The larger CPU-scale table (docs/cpu_scale_table.md, about two hours): three times the demo's forget rows
+    # and twice as many retain rows, the selected settings with SPUL's epochs kept (160 steps of 8 rows over 384
+    # rows in the demo: 3.3 epochs), 300 rows per split scored; --seeds repeats chosen methods.
+    "large": dict(
+        sizes=dict(max_retain=768, max_forget=384, max_length=128),
+        eval=dict(max_eval_rows=300),
+        qlora=dict(num_epochs=2, train_batch_size=16, lr=1e-3, group_by_length=True),
+        spul=dict(max_steps=480, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.25, beta=0.5),
+        baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=192),
+        eco=dict(search_rows=64)),
     # A pipeline check in a minute or two (any model): every stage for a step or two on a handful of rows.
     "smoke": dict(
         sizes=dict(max_retain=12, max_forget=6, max_length=64),
@@ -80,9 +90,11 @@ class Job:
 
 
 def stage_settings(scale, method, selected):
-    """The flags of one unlearning stage: the scale's, with the selected settings of `method` over them."""
+    """The flags of one unlearning stage: the scale's, with the selected settings of `method` over them (the
+    selection's step count belongs to the demo's rows: a scale with more rows keeps its own)."""
     base = dict(scale["spul" if method == "spul" else "baseline"])
-    return {**base, **selected.get(method, {})}
+    chosen = {k: v for k, v in selected.get(method, {}).items() if k not in ("max_steps", "num_epochs")}
+    return {**base, **chosen}
 
 
 def plan(args, scale, selected=None):
@@ -118,6 +130,15 @@ def plan(args, scale, selected=None):
         for m in filter(None, args.methods.split(",")):
             stage("baselines.py", m, f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
                   *flags(stage_settings(scale, m, selected)))
+    # more seeds of chosen methods (the default seed's run is the one above); tables report mean ± sd over them
+    for seed in [s for s in filter(None, str(args.seeds).split(",")) if int(s) != 42]:
+        for m in filter(None, args.seed_methods.split(",")):
+            if m == "spul":
+                stage("spul.py", f"spul-seed{seed}", f"--model_checkpoints={qlora}", f"--seed={seed}",
+                      *flags(stage_settings(scale, "spul", selected)))
+            else:
+                stage("baselines.py", f"{m}-seed{seed}", f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
+                      f"--seed={seed}", *flags(stage_settings(scale, m, selected)))
     # training jobs first in list order, each evaluation as soon as its model exists
     return jobs + evals
 
@@ -238,8 +259,11 @@ def main():
     p.add_argument("--methods", default=",".join(BASELINES), help="baselines to run (comma-separated)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip (vanilla, retrained, baselines, eco)")
     p.add_argument("--scale", choices=sorted(SCALES), default="demo",
-                   help="demo: the sizes of README's table; smoke: a one-minute check that every stage runs")
+                   help="demo: the sizes of README's table; large: the two-hour CPU table of docs/cpu_scale_table.md; "
+                        "smoke: a one-minute check that every stage runs")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="stages run side by side")
+    p.add_argument("--seeds", default="42", help="training seeds of --seed_methods (42 is every stage's own seed)")
+    p.add_argument("--seed_methods", default="spul", help="methods repeated with every seed of --seeds")
     add_bool(p, "--select", help="instead of the demo: choose every method's settings on validation rows "
                                  "(scripts/select_settings.py over the scale's grids) and record them in --selection")
     p.add_argument("--selection", default=None,
@@ -252,7 +276,8 @@ def main():
     args.output_path = args.output_path or os.path.join(ROOT, "runs", "demo" if args.scale == "demo" else f"demo-{args.scale}")
     args.out = args.output_path
     explicit = args.selection is not None
-    args.selection = args.selection or (SELECTED if args.scale == "demo" else os.path.join(args.out, "selection.json"))
+    # the demo scale's selection also serves the larger table: its settings are chosen on the demo's rows
+    args.selection = args.selection or (SELECTED if args.scale in ("demo", "large") else os.path.join(args.out, "selection.json"))
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     t0 = time.time()
 

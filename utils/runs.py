@@ -124,17 +124,6 @@ def prepare_run(path, args, stage):
     return "new" if action == "replace" else action
 
 
-def prepare_output_dir(path, overwrite=False):
-    """Create `path` for a stage without settings to compare (kept for callers that only need a folder):
-    refuse to touch an existing run unless --overwrite."""
-    action, _ = decide(path, {}, overwrite, False) if not overwrite else ("replace", None)
-    if local_rank_zero():
-        if action == "replace" and os.path.isdir(path):
-            shutil.rmtree(path)
-        os.makedirs(path, exist_ok=True)
-    return path
-
-
 def save_arguments(path, args, finished=False, **extra):
     """Write arguments.json (only in the first process of a multi-process run)."""
     info = dict(vars(args)) if not isinstance(args, dict) else dict(args)
@@ -154,10 +143,6 @@ def save_json(path, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
     os.replace(tmp, path)
-
-
-def is_finished(path):
-    return bool((read_json(os.path.join(path, DONE)) or {}).get("finished", False))
 
 
 def short_name(model_name):
