@@ -1,5 +1,5 @@
 """qlora.py on tiny random models: it memorises a toy set (the loss falls, accuracy rises), saves an
-adapter that reloads and merges, runs NF4 on the CPU, honours --train_on retain and the seed README's
+adapter that reloads and merges, runs NF4 on the CPU, honours --train_on retain and the released scripts'
 flags, and reports bad arguments in one line."""
 import json
 import os
