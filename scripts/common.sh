@@ -21,6 +21,15 @@ QLORA_EPOCHS=${QLORA_EPOCHS:-}        # paper: 10 for SST-2, 2 for Yelp
 SPUL_EPOCHS=${SPUL_EPOCHS:-10}
 BASELINE_LR=${BASELINE_LR:-1e-4}      # the paper searched it per method; 1e-4 is its default
 MAX_LENGTH=${MAX_LENGTH:-1024}
+SELECTION=${SELECTION:-}              # scripts/select_settings.py's selection.json (or a file of several methods):
+                                      # each method's chosen settings replace the recipe's (its lr, SPUL's alpha, ...)
+
+# On a machine without a GPU, scoring every test row (19,855 test_retain rows of SST-2) takes hours: say so once.
+if [ -z "${EVAL_EXTRA##*--max_eval_rows*}" ] && [ -n "$EVAL_EXTRA" ]; then :
+elif ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "warning: no GPU here and no --max_eval_rows in EVAL_EXTRA: every evaluation scores all rows of every split" \
+       "(SST-2: 19,855 test_retain rows, hours on a CPU); e.g. EVAL_EXTRA=\"--max_eval_rows=500\"" >&2
+fi
 
 data_flags() {
   if [ -n "$DATA_DIR" ]; then echo "--data_dir=$DATA_DIR"; else echo "--dataset=$DATASET"; fi
@@ -39,18 +48,31 @@ qlora() {
     --lora_dropout=0.1 --output_path="$out" --resume $EXTRA $QLORA_EXTRA "$@"
 }
 
+# selected METHOD: the settings chosen for METHOD in $SELECTION, as flags (none without SELECTION); a selection
+# made on another model or dataset is an error
+selected() {
+  [ -n "$SELECTION" ] || return 0
+  python -c "import sys; sys.path[:0] = ['.', 'scripts']
+from select_settings import load_selection
+from utils.cli import run_main
+run_main(lambda: print(' '.join(f'--{k}={v}' for k, v in load_selection(*sys.argv[1:]).items())))" \
+    "$SELECTION" "$1" "$MODEL" "$DATASET"
+}
+
 # spul QLORA_DIR OUTDIR [flags]: soft-prompt unlearning (data settings follow the qlora folder)
 spul() {
-  local q=$1 out=$2; shift 2
+  local q=$1 out=$2 sel; shift 2
+  sel=$(selected spul)
   $LAUNCH spul.py --model_checkpoints="$q" --set_pad_id --lr=1e-4 --train_batch_size=32 --num_epochs="$SPUL_EPOCHS" \
-    --weight_decay=0.001 --output_path="$out" --resume $EXTRA "$@"
+    --weight_decay=0.001 --output_path="$out" --resume $EXTRA $sel "$@"
 }
 
 # baseline QLORA_DIR OUTDIR METHOD [flags]: fine-tuning baseline, 1 epoch
 baseline() {
-  local q=$1 out=$2 method=$3; shift 3
+  local q=$1 out=$2 method=$3 sel; shift 3
+  sel=$(selected "$method")
   $BASELINE_LAUNCH baselines.py --model_checkpoints="$q" --set_pad_id --lr="$BASELINE_LR" --train_batch_size=32 \
-    --num_epochs=1 --weight_decay=0.001 --unlearn_method="$method" --output_path="$out" --resume $EXTRA "$@"
+    --num_epochs=1 --weight_decay=0.001 --unlearn_method="$method" --output_path="$out" --resume $EXTRA $sel "$@"
 }
 
 # evaluate CHECKPOINT [OUTDIR] [flags]: the four splits, paper protocol (results of the same settings are kept)

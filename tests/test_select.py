@@ -1,0 +1,135 @@
+"""scripts/select_settings.py: one selection rule on validation rows, test splits never read, one-line errors;
+the demo and the recipes take the recorded choice."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, one_line_error, run_script
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import select_settings  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cands(*rows):
+    return [{"settings": {"lr": lr}, "forget_val": f, "retain_val": r} for lr, f, r in rows]
+
+
+def test_the_rule_on_a_hand_made_score_table():
+    """Parent retain accuracy 0.90, tolerance 0.05: settings keeping retain >= 0.85 qualify; the lowest forget
+    accuracy among them wins, a tie goes to the smaller learning rate."""
+    scored = _cands((1e-5, 0.80, 0.90), (3e-5, 0.40, 0.86), (1e-4, 0.10, 0.70), (3e-4, 0.40, 0.88))
+    assert select_settings.choose(scored, 0.90, 0.05) == (1, True)  # 1e-4 forgets most but loses 20 points
+    scored[3]["settings"]["lr"] = 2e-5  # the same forget accuracy at a smaller learning rate: the smaller change
+    assert select_settings.choose(scored, 0.90, 0.05) == (3, True)
+    assert select_settings.choose(_cands((1e-5, 0.5, 0.70), (1e-4, 0.1, 0.80)), 0.95, 0.05) == (1, False)  # none within
+
+
+def test_grid_points_and_bad_grids():
+    from utils.cli import UserError
+
+    grid = select_settings.parse_grid("spul", ["lr=1e-3,2e-3", "alpha=1,1.5"])
+    assert select_settings.candidates(grid) == [{"lr": 1e-3, "alpha": 1.0}, {"lr": 1e-3, "alpha": 1.5},
+                                                {"lr": 2e-3, "alpha": 1.0}, {"lr": 2e-3, "alpha": 1.5}]
+    for method, items, needle in (("spul", [], "names no setting"), ("gradient_ascent", ["alpha=1"], "no setting 'alpha'"),
+                                  ("spul", ["lr="], "lists no value"), ("spul", ["lr=fast"], "must be numbers"),
+                                  ("gradient_descent", ["lr=1"], "unknown --method")):
+        with pytest.raises(UserError, match=needle):
+            select_settings.parse_grid(method, items)
+
+
+@pytest.fixture(scope="module")
+def train_only(tmp_path_factory, tiny_llama, sst2_dir):
+    """A qlora.py folder trained on a data folder that holds the two training splits and nothing else: any read of
+    a test split would fail with 'no file for split'."""
+    root = tmp_path_factory.mktemp("select")
+    data = root / "data"
+    data.mkdir()
+    for split in ("train_retain", "train_forget"):
+        shutil.copy(os.path.join(sst2_dir, f"{split}.csv"), data)
+    run_script("qlora.py", "--model_name", tiny_llama, "--data_dir", data, "--quantization", "none", "--max_retain", 24,
+               "--max_forget", 8, "--max_length", 64, "--max_steps", 2, "--train_batch_size", 8,
+               "--output_path", root / "qlora", "--quiet")
+    return root
+
+
+def test_selection_runs_without_any_test_file_and_records_its_choice(train_only):
+    out = train_only / "sel"
+    proc = run_script("scripts/select_settings.py", "--model_checkpoints", train_only / "qlora", "--method",
+                      "gradient_ascent", "--grid", "lr=1e-5,1e-3", "--max_eval_rows", 6, "--output_path", out, "--",
+                      "--max_retain=16", "--max_steps=1", "--train_batch_size=8")
+    assert "chosen for gradient_ascent" in proc.stdout
+    sel = json.loads((out / "selection.json").read_text())
+    assert [c["settings"] for c in sel["candidates"]] == [{"lr": 1e-5}, {"lr": 1e-3}]
+    assert all(c["n_retain_val"] == 6 and c["n_forget_val"] == 6 for c in sel["candidates"])  # 8 held-out rows, capped
+    assert sel["chosen"] in [c["settings"] for c in sel["candidates"]]
+    assert sel["model"] and sel["dataset"] == "sst2" and "retain_val" in sel["parent"]
+    # a second call reuses the finished runs
+    again = run_script("scripts/select_settings.py", "--model_checkpoints", train_only / "qlora", "--method",
+                       "gradient_ascent", "--grid", "lr=1e-5,1e-3", "--max_eval_rows", 6, "--output_path", out, "--",
+                       "--max_retain=16", "--max_steps=1", "--train_batch_size=8")
+    assert again.stdout.count("nothing to do") == 2
+
+
+def test_validation_reads_training_files_only(train_only, monkeypatch):
+    """In process: every file the validation rows come from is a training split."""
+    from utils import data
+
+    read = []
+    real = data._read_table
+    monkeypatch.setattr(data, "_read_table", lambda path: read.append(path) or real(path))
+    parent = json.loads((train_only / "qlora" / "arguments.json").read_text())
+    run = {**parent, "max_retain": 16, "forget_size": 1.0}
+    forget, retain, _ = select_settings.validation_rows(parent, run, dict(data_dir=parent["data_dir"]), None, 0)
+    assert len(forget) == 8 and len(retain) == 8
+    assert read and all(os.path.basename(p).startswith("train_") for p in read)
+    held = {r["text"] for r in retain}
+    trained = {r["text"] for r in data.select_training_rows(data.load_splits(data_dir=parent["data_dir"],
+               splits=("train_retain",)), 1.0, None, 16, 42)["train_retain"]}
+    assert not held & trained  # retain validation rows were never trained on by the unlearning run
+
+
+def test_no_retain_rows_left_is_one_line(train_only, tmp_path):
+    proc = run_script("scripts/select_settings.py", "--model_checkpoints", train_only / "qlora", "--method",
+                      "gradient_ascent", "--grid", "lr=1e-5", "--output_path", tmp_path / "s", "--",
+                      "--max_steps=1", "--train_batch_size=8", check=False)
+    assert "no retain rows are held out" in one_line_error(proc)
+
+
+def test_a_selection_from_another_model_or_dataset_is_refused(tmp_path):
+    from utils.cli import UserError
+
+    path = tmp_path / "sel.json"
+    path.write_text(json.dumps({"model": "smollm2-135m", "dataset": "sst2",
+                                "methods": {"npo": {"chosen": {"lr": 3e-5}}}}))
+    assert select_settings.load_selection(str(path), "npo", "smollm2-135m", "sst2") == {"lr": 3e-5}
+    with pytest.raises(UserError, match="model"):
+        select_settings.load_selection(str(path), "npo", "meta-llama/Llama-2-7b-hf", "sst2")
+    with pytest.raises(UserError, match="dataset"):
+        select_settings.load_selection(str(path), "npo", "smollm2-135m", "yelp")
+    with pytest.raises(UserError, match="no selection for spul"):
+        select_settings.load_selection(str(path), "spul")
+
+
+def test_the_demo_and_the_recipes_take_the_recorded_choice(tmp_path):
+    import argparse
+
+    import demo
+
+    args = argparse.Namespace(output_path=str(tmp_path), data_dir=None, model_name="smollm2-135m", skip="",
+                              methods="npo", seeds="42", seed_methods="spul")
+    jobs = {j.name: j.args for j in demo.plan(args, demo.SCALES["demo"], {"npo": {"lr": 3e-5}, "spul": {"alpha": 1.5}})}
+    assert "--lr=3e-05" in jobs["npo"] and "--lr=1e-05" not in jobs["npo"]
+    assert "--alpha=1.5" in jobs["spul"] and "--alpha=1.25" not in jobs["spul"]
+    # the recipes: SELECTION=... gives each stage its chosen flags
+    path = tmp_path / "sel.json"
+    path.write_text(json.dumps({"model": "m", "dataset": "sst2", "methods": {"npo": {"chosen": {"lr": 3e-5}}}}))
+    cmd = f'source scripts/common.sh >/dev/null 2>&1; SELECTION={path} MODEL=m DATASET=sst2; selected npo'
+    out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "EVAL_EXTRA": "--max_eval_rows=1"})
+    assert out.stdout.strip() == "--lr=3e-05", out.stderr
