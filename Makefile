@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # The stamp lives in the Python environment itself: a new virtual environment installs everything anew.
 STAMP := $(shell $(PYTHON) -c 'import sys; print(sys.prefix)')/.spul-deps-installed
 
-.PHONY: install demo test test-unit test-e2e bench clean
+.PHONY: install demo test test-unit test-e2e bench bench-smoke clean
 
 $(STAMP): requirements.txt Makefile
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch   # local CPU build where it is on disk
@@ -29,8 +29,24 @@ test-unit: $(STAMP)
 test-e2e: $(STAMP)
 	$(PYTHON) -m pytest -q -m e2e tests
 
+# docs/benchmarks.md: every benchmark at full size (figures into bench/results/; take them on an idle machine).
+# BENCH_ARGS go to every script (e.g. --model_checkpoints runs/demo/qlora, --repeats 7).
+BENCH_SCRIPTS := bench/spul_vs_gagd_step.py bench/eval_throughput.py bench/epoch_floor.py bench/kl_reference.py \
+	bench/shared_prefix.py
+BENCH_ARGS ?=
 bench: $(STAMP)
-	for b in bench/*.py; do $(PYTHON) $$b || exit 1; done
+	for b in $(BENCH_SCRIPTS); do $(PYTHON) $$b $(BENCH_ARGS) || exit 1; done
+
+# Every benchmark at its smallest size, one thread, results into $(BENCH_SMOKE_OUT): proves they run, measures nothing.
+BENCH_SMOKE_OUT ?= /tmp/spul-bench-smoke
+bench-smoke: $(STAMP)
+	mkdir -p $(BENCH_SMOKE_OUT)
+	export OMP_NUM_THREADS=1; S="--repeats 1 --batch_size 4"; O=$(BENCH_SMOKE_OUT); \
+	$(PYTHON) bench/spul_vs_gagd_step.py $$S --p_values 10 --memory_repeats 1 --out $$O/spul_vs_gagd_step.json && \
+	$(PYTHON) bench/eval_throughput.py $$S --rows 8 --eco_fit_rows 16 --out $$O/eval_throughput.json && \
+	$(PYTHON) bench/epoch_floor.py $$S --out $$O/epoch_floor.json && \
+	$(PYTHON) bench/kl_reference.py $$S --kl_rows 4 --grid_rows 8 --out $$O/kl_reference.json && \
+	$(PYTHON) bench/shared_prefix.py $$S --p_values 10 --out $$O/shared_prefix.json
 
 clean:
 	rm -rf runs/demo runs/demo-smoke runs/demo-mcqa $(STAMP)

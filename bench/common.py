@@ -1,10 +1,12 @@
 """Shared helpers of the benchmarks (imported by bench/*.py; running this file does nothing).
 
 Flags, real SST-2 rows and batches, one training step as the Trainer takes it, timing with the
-device synchronised, peak memory (CUDA allocator, or the process's resident set on the CPU), the
-machine and library versions, and the results JSON in bench/results/.
+device synchronised (`time_alternating`: one warm-up of every variant, then repeats that alternate
+A B C A B C ... so that a changing machine load hits every variant alike), figures as median with
+min-max (`summary`), ratios taken pair by pair within a repeat (`paired_ratio`), peak memory (CUDA
+allocator, or the process's resident set on the CPU), the machine, thread count, library versions
+and load average at the start and the end, and the results JSON in bench/results/.
 """
-import argparse
 import ctypes
 import json
 import math
@@ -14,6 +16,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -22,18 +25,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+# the benchmarks switch checkpointing as utils.training does, by the name transformers 5 deprecates
+warnings.filterwarnings("ignore", message="`gradient_checkpointing_(enable|disable)` is deprecated", category=FutureWarning)
+
 SST2_RETAIN, SST2_FORGET = 46_331, 1_425  # train_retain / train_forget rows of the paper's SST-2 split
 
 
-def parser(doc, name, batch_size=16, steps=5):
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc, name, batch_size=32, repeats=5):
+    from utils.cli import make_parser
+
+    p = make_parser(doc)
     p.add_argument("--model", default="smollm2-135m", help="hub id, local folder or smollm2-135m (embedded)")
     p.add_argument("--model_checkpoints", default=None, help="a qlora.py folder: benchmark its merged model instead of --model")
     p.add_argument("--data_dir", default=None, help="SST-2 split folder (default ../shared/data/sst2)")
     p.add_argument("--batch_size", type=int, default=batch_size, help=f"rows per training step (default {batch_size})")
     p.add_argument("--forget_rows", type=int, default=None,
                    help="forget rows in each batch (default: SST-2's share, 1,425 of 47,756, at least 1)")
-    p.add_argument("--steps", type=int, default=steps, help=f"timed steps per variant, after one warm-up step (default {steps})")
+    p.add_argument("--repeats", "--steps", dest="repeats", type=int, default=repeats,
+                   help=f"timed repeats of every variant, alternating, after one warm-up of each (default {repeats})")
     p.add_argument("--max_length", type=int, default=1024, help="max tokens per row (SST-2 rows are far shorter)")
     p.add_argument("--ptuning_num_tokens", type=int, default=30, help="SPUL's p")
     p.add_argument("--kl_topk", type=int, default=32, help="k of the compact KL cache (spul.py's default)")
@@ -48,8 +57,8 @@ def parser(doc, name, batch_size=16, steps=5):
 def check(args):
     from utils.cli import UserError
 
-    if args.batch_size < 2 or args.steps < 1:
-        raise UserError("--batch_size must be at least 2 and --steps at least 1")
+    if args.batch_size < 2 or args.repeats < 1:
+        raise UserError("--batch_size must be at least 2 and --repeats at least 1")
     if args.forget_rows is None:
         args.forget_rows = max(1, round(args.batch_size * SST2_FORGET / (SST2_FORGET + SST2_RETAIN)))
     if not 0 < args.forget_rows < args.batch_size:
@@ -111,6 +120,37 @@ def encoder_for(tokenizer, args):
     return PromptEncoder(tokenizer, args.max_length)
 
 
+def sst2_mean_tokens(encoder, args, n=2000):
+    """Mean real tokens per SST-2 training row (prompt + label), over a seeded draw of n rows with SST-2's
+    share of forget rows: what one epoch's rows cost per row."""
+    from utils.methods import build_training_rows
+
+    n_forget = max(1, round(n * SST2_FORGET / (SST2_FORGET + SST2_RETAIN)))
+    rows = build_training_rows(encoder, sst2_rows(args, n - n_forget, n_forget, offset=3), "spul", args.seed)
+    return sum(len(r["input_ids"]) for r in rows) / len(rows)
+
+
+def reference_cache(model, items, collate, args, dev):
+    """The frozen model's top-k reference values for `items` (a ReferenceCache), computed before timing: spul.py
+    computes a row's values the first time it sees the row and reads them afterwards (and in later runs on the
+    same model), so a training step of any epoch after the first reads them, as the timed steps do."""
+    from utils.reference import fill_reference_cache
+
+    return fill_reference_cache(model, items, collate, k=args.kl_topk, batch_size=args.batch_size, device=dev, quiet=True)
+
+
+def p_values(text):
+    from utils.cli import UserError
+
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise UserError(f"--p_values takes positive integers separated by commas, got '{text}'")
+    return vals
+
+
 def to_device(batch, dev):
     return {k: v.to(dev) for k, v in batch.items()}
 
@@ -119,8 +159,15 @@ def real_tokens(batch):
     return int(batch["attention_mask"].sum())
 
 
-def train_step(model, optimizer, batch, objective, reference=None, weights=None, max_grad_norm=0.3):
-    """One optimiser step as TailLossTrainer takes it: tail logits, objective, backward, clip, step."""
+def str2bool(s):
+    from utils.cli import str2bool as parse
+
+    return parse(s)
+
+
+def train_step(model, optimizer, batch, objective, reference=None, weights=None, max_grad_norm=0.3, update_timer=None):
+    """One optimiser step as TailLossTrainer takes it: tail logits, objective, backward, clip, step.
+    `update_timer`: a list the seconds of the clipping + optimiser step alone are appended to."""
     from utils.methods import LossContext
 
     model.train()
@@ -129,10 +176,16 @@ def train_step(model, optimizer, batch, objective, reference=None, weights=None,
         logits = model(batch["input_ids"], batch["attention_mask"], keep=labels.shape[1] + 1)[:, :-1]
         terms = objective(LossContext(model, batch, logits, reference), **(weights or {}))
     terms["loss"].backward()
+    if update_timer is not None:
+        sync()
+        t = time.perf_counter()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if update_timer is not None:
+        sync()
+        update_timer.append(time.perf_counter() - t)
     return float(terms["loss"].detach())
 
 
@@ -145,14 +198,9 @@ def autocast(dev):
     return contextlib.nullcontext()
 
 
-def warm_up(model, batch):
-    """One forward and backward, gradients dropped: the process's one-off costs (kernel setup,
-    autograd threads, allocator pools) are paid before anything is measured."""
-    model.train()
-    with autocast(batch["input_ids"].device):
-        model(batch["input_ids"], batch["attention_mask"], keep=batch["tail_labels"].shape[1] + 1).float().mean().backward()
-    model.zero_grad(set_to_none=True)
-    sync()
+def optimizer_state_bytes(optimizer):
+    """Bytes of the tensors an optimiser holds between steps (AdamW: two moments per parameter, and its step)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
 
 
 def param_bytes(module, trainable_only=False):
@@ -175,8 +223,49 @@ def timed(fn):
     return time.perf_counter() - t, r
 
 
-def median(xs):
-    return statistics.median(xs)
+def summary(xs):
+    """{"median", "min", "max", "n"} of a list of numbers: how every figure is reported."""
+    xs = [float(x) for x in xs]
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def paired_ratios(times, num, den):
+    """times[num][i] / times[den][i] for every repeat i: both sides measured within the same repeat."""
+    return [a / b for a, b in zip(times[num], times[den])]
+
+
+def paired_ratio(times, num, den):
+    """summary() of the pair-by-pair ratios num / den."""
+    return summary(paired_ratios(times, num, den))
+
+
+def time_alternating(variants, repeats, warm_up=True, label="timed repeat"):
+    """Time every variant (a dict name -> function of no arguments): one warm-up call of each (`warm_up`:
+    True, or a dict name -> a cheaper warm-up function, or False for none), then `repeats` rounds that call
+    each variant once, in order (A B C A B C ...), the device synchronised around every call. Returns
+    ({name: [seconds per repeat]}, {name: the last call's result})."""
+    out = {}
+    if warm_up:
+        for name, f in variants.items():
+            (warm_up.get(name, f) if isinstance(warm_up, dict) else f)()
+            sync()
+    times = {name: [] for name in variants}
+    for i in range(repeats):
+        print(f"\r{label} {i + 1}/{repeats}", end="", flush=True, file=sys.stderr)
+        for name, f in variants.items():
+            t, out[name] = timed(f)
+            times[name].append(t)
+    print(file=sys.stderr)
+    return times, out
+
+
+def fmt(s, scale=1.0):
+    """A summary() as text, 'median (min-max)', every value multiplied by `scale`."""
+    return f"{_fmt(s['median'] * scale)} ({_fmt(s['min'] * scale)}-{_fmt(s['max'] * scale)})"
+
+
+def load_average():
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 _libc = None
@@ -245,6 +334,23 @@ class PeakMemory:
         return False
 
 
+def peak_alternating(variants, repeats, held=None, label="memory repeat"):
+    """Peak memory each variant (a dict name -> function) adds while it runs, `repeats` times in alternation:
+    PeakMemory over one call, plus `held[name]()` (bytes the variant keeps between calls and that were already
+    held at the start, e.g. its optimiser state). Returns {name: [bytes per repeat]}."""
+    held = held or {}
+    out = {name: [] for name in variants}
+    for i in range(repeats):
+        print(f"\r{label} {i + 1}/{repeats}", end="", flush=True, file=sys.stderr)
+        for name, f in variants.items():
+            extra = held[name]() if name in held else 0
+            with PeakMemory() as m:
+                f()
+            out[name].append(m.peak + extra)
+    print(file=sys.stderr)
+    return out
+
+
 def measure_method():
     return ("torch.cuda.max_memory_allocated - memory_allocated at the start" if torch.cuda.is_available()
             else "peak resident set (/proc/self/statm, sampled every 1 ms) - resident set at the start; glibc mmap threshold 128 KiB")
@@ -267,7 +373,7 @@ def environment():
             pass
         dev = f"CPU: {model}"
     return {"device": dev, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "load_average_at_start": load_average(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -286,7 +392,7 @@ def _fmt(x):
     if isinstance(x, float):
         if x == 0 or math.isnan(x):
             return f"{x:g}"
-        return f"{x:.3g}" if abs(x) < 1e4 else f"{x:,.0f}"
+        return f"{x:.3g}" if abs(x) < 1e3 else f"{x:,.0f}"
     if isinstance(x, int):
         return f"{x:,}"
     return str(x)
@@ -296,7 +402,15 @@ def mib(n):
     return n / 2**20
 
 
+def machine_line(env):
+    """One line: device, threads and the load average at the start and now."""
+    return (f"{env['device']}, {env['torch_threads']} threads, load average {env['load_average_at_start']} at the "
+            f"start, {load_average()} now")
+
+
 def write_results(path, env, args, results):
+    """The results JSON: environment (with the load average at the end), arguments, results."""
+    env["load_average_at_end"] = load_average()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {"environment": env, "arguments": vars(args), "results": results}
     with open(path, "w") as f:

@@ -1,129 +1,201 @@
-"""Evaluation throughput: our scoring (utils.evaluation.predict_rows) against a Trainer-style reference.
+"""Benchmark 2: scoring throughput (rows per second) of SPUL, ECO and the plain model, on the same rows.
 
-    python bench/eval_throughput.py                  # SmolLM2-135M, 300 SST-2 test_retain rows
-    python bench/eval_throughput.py --rows 1000 --batch_size 64
+    python bench/eval_throughput.py                       # SmolLM2-135M, fp32, 300 SST-2 test rows, batch 32
+    python bench/eval_throughput.py --model_checkpoints runs/qlora-sst2 --spul_checkpoint runs/spul-sst2 \
+        --eco_checkpoint runs/eco-sst2 --rows 1000
 
-Ours: length-sorted batches, one forward per row, logits at the label-prediction position only
-(keep=1). Reference: what transformers' Trainer.evaluate / predict does with a causal LM, batches in
-dataset order, plain `model(input_ids, attention_mask).logits` over the whole padded sequence, then
-the label position picked out (the reference stops there; the real Trainer also gathers every
-batch's full logits, which costs more). Both run in this process on the same model and rows; the
-script checks that they predict the same token for every row and writes
-bench/results/eval_throughput.json.
+Every variant scores the same rows with utils.evaluation.predict_rows (length-sorted batches, one forward
+per row, logits at the label-prediction position only, keep=1), as inference_spul.py does:
+- plain: the merged model without any prompt (utils.training.TailLM): the reference every ratio is taken to;
+- spul_shared: SPUL with the shared prefix: the soft prompt's keys/values computed once and reused for every
+  batch (inference_spul.py's default; computed in the warm-up, its one-off cost reported apart);
+- spul_full: SPUL's full path, the p virtual tokens prepended to every row;
+- eco: ECO (utils.eco.EcoLM): a plain forward that also pools the classifier's features, then the rows the
+  classifier flags run again with their prompt embeddings corrupted. The classifier is fitted here on
+  --eco_fit_rows real training rows as eco.py fits it (logistic regression, threshold for 5 % false
+  positives on held-out retain rows), the corruption strength fixed (the cost does not depend on it), or
+  read from an eco.py folder (--eco_checkpoint);
+- trainer: what transformers' Trainer.evaluate / predict does with a causal LM (batches in dataset order,
+  full-sequence logits, the label position picked out afterwards), on the plain model (--trainer_reference).
+The soft prompt is an untrained prompt encoder of p = --ptuning_num_tokens (the cost of a trained one is the
+same), or the one of a spul.py folder (--spul_checkpoint, whose merged model then serves every variant).
+ECO's corruption hook sits on the shared model's embedding layer; it does nothing unless ECO is re-running
+flagged rows (one Python call per forward for the other variants).
+Rows: a seeded draw of --rows test_retain and test_forget rows, in SST-2's share of forget rows.
+One warm-up of every variant (on one batch), then --repeats passes over all rows alternating between the
+variants; rows per second as a median with min-max, and each variant's throughput over the plain model's,
+pair by pair within a repeat. Checked: SPUL shared and full predict the same token for every row; the
+Trainer-style reference agrees with plain; ECO leaves the rows it does not flag as the plain model scores
+them. Writes bench/results/eval_throughput.json.
 """
-import argparse
-import json
-import os
-import platform
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
+import numpy as np
+import torch
 
-import torch  # noqa: E402
+TARGET = 0.9  # SPUL-shared's throughput over the plain model's
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="model to score with (default: the embedded SmolLM2-135M)")
-    p.add_argument("--data_dir", default=None, help="SST-2 split folder (default ../shared/data/sst2)")
-    p.add_argument("--split", default="test_retain")
-    p.add_argument("--rows", type=int, default=300, help="rows scored (seeded draw)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_length", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per method, alternating; the fastest counts")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "eval_throughput.json"))
-    return p.parse_args()
+def main():
+    p = common.parser(__doc__, "eval_throughput")
+    p.add_argument("--rows", type=int, default=300, help="rows scored per pass (seeded draw of test rows; default 300)")
+    p.add_argument("--spul_checkpoint", default=None, help="a spul.py folder: its soft prompt and merged model")
+    p.add_argument("--eco_checkpoint", default=None,
+                   help="an eco.py folder: its classifier and strength (on this benchmark's model: give the folder made "
+                        "from the same --model_checkpoints)")
+    p.add_argument("--eco_fit_rows", type=int, default=256,
+                   help="training rows (a quarter of them forget rows) the ECO classifier is fitted on (default 256)")
+    p.add_argument("--eco_sigma", type=float, default=10.0,
+                   help="ECO's noise strength in units of the embedding RMS when fitted here (default 10)")
+    p.add_argument("--trainer_reference", type=common.str2bool, default=True,
+                   help="also time the Trainer-style full-sequence-logit scoring of the plain model (default true)")
+    p.set_defaults(precision="fp32", max_length=256)
+    args = p.parse_args()
+    common.check(args)
+    from utils import eco
+    from utils.data import load_splits, sample_rows
+    from utils.evaluation import predict_rows
+    from utils.modeling import device
+    from utils.prompts import PromptEncoder
+    from utils.soft_prompt import SoftPromptLM, build_prompt_model
+    from utils.training import TailLM
+
+    torch.manual_seed(args.seed)
+    dev = device()
+    env = common.environment()
+    if args.spul_checkpoint:
+        from utils.modeling import resolve_dtype
+        from utils.stages import load_stage
+
+        spul, tokenizer, info = load_stage(args.spul_checkpoint, resolve_dtype(args.precision), shared_prefix=True)
+        lm, model_name = spul.lm, f"{info['model']} + {args.spul_checkpoint}"
+        encoder = PromptEncoder(tokenizer, args.max_length, **info["encoder_kwargs"])
+        print(f"{model_name} on {env['device']}; torch {env['torch']}, transformers {env['transformers']}")
+    else:
+        _, tokenizer, lm, model_name = common.setup(args)
+        spul = build_prompt_model(lm, args.ptuning_num_tokens, 128, shared_prefix=True)
+        encoder = common.encoder_for(tokenizer, args)
+    spul.to(dev).eval()
+    lm.eval()
+    plain = TailLM(lm)
+    spul_full = SoftPromptLM(spul.peft_model, shared_prefix=False)
+    n_virtual = spul.peft_model.peft_config[spul.peft_model.active_adapter].num_virtual_tokens
+
+    # the rows: test_retain and test_forget in SST-2's share of forget rows
+    test = load_splits(data_dir=args.data_dir, splits=("test_retain", "test_forget"))
+    n_forget = max(1, round(args.rows * common.SST2_FORGET / (common.SST2_FORGET + common.SST2_RETAIN)))
+    rows = (sample_rows(test["test_retain"], args.rows - n_forget, args.seed)
+            + sample_rows(test["test_forget"], n_forget, args.seed))
+    lengths = [len(encoder.prompt_ids(r["text"])) for r in rows]
+
+    eco_model, eco_info = make_eco(args, lm, tokenizer, encoder, dev, eco)
+    run = dict(batch_size=args.batch_size, device=dev, quiet=True)
+    variants = {"plain": lambda: predict_rows(plain, encoder, rows, **run),
+                "spul_shared": lambda: predict_rows(spul, encoder, rows, **run),
+                "spul_full": lambda: predict_rows(spul_full, encoder, rows, **run),
+                "eco": lambda: predict_rows(eco_model, encoder, rows, **run)}
+    if args.trainer_reference:
+        variants["trainer"] = lambda: trainer_predict(lm, encoder, rows, args.batch_size, dev)
+    few = rows[:args.batch_size]
+    warm = {"plain": lambda: predict_rows(plain, encoder, few, **run),
+            "spul_shared": lambda: predict_rows(spul, encoder, few, **run),
+            "spul_full": lambda: predict_rows(spul_full, encoder, few, **run),
+            "eco": lambda: predict_rows(eco_model, encoder, few, **run),
+            "trainer": lambda: trainer_predict(lm, encoder, few, args.batch_size, dev)}
+    times, out = common.time_alternating(variants, args.repeats, warm_up=warm, label="timed pass")
+    # the shared prefix: computed once per model (inference_spul.py: once for all four splits), in the warm-up; its cost apart
+    with torch.no_grad():
+        prefix_s = common.summary([common.timed(spul._run_prefix)[0] for _ in range(3)])["median"]
+    shared_active = bool(spul.shared_prefix and spul._shared_prefix_usable())
+
+    rps = {k: [len(rows) / t for t in v] for k, v in times.items()}
+    first = torch.tensor(encoder.first_label_ids())
+    checks = {"spul_shared_vs_full": agreement(out["spul_shared"]["pred"], out["spul_full"]["pred"],
+                                               out["spul_shared"]["label_logits"], out["spul_full"]["label_logits"])}
+    if "trainer" in out:
+        checks["trainer_vs_plain"] = agreement(out["trainer"][0], out["plain"]["pred"], out["trainer"][1][:, first],
+                                               out["plain"]["label_logits"])
+    flags = eco_model.classifier.flags(eco.row_features(eco_model, encoder, rows, **run))
+    kept = torch.as_tensor(~flags)
+    checks["eco_unflagged_vs_plain"] = agreement(out["eco"]["pred"][kept], out["plain"]["pred"][kept],
+                                                 out["eco"]["label_logits"][kept], out["plain"]["label_logits"][kept])
+    eco_info.update(flagged_rows=int(flags.sum()), flagged_forget_rows=int(flags[len(rows) - n_forget:].sum()),
+                    flagged_retain_rows=int(flags[:len(rows) - n_forget].sum()))
+
+    res = {"model": model_name, "dtype": str(next(lm.parameters()).dtype), "device_type": dev.type,
+           "rows": len(rows), "forget_rows": n_forget, "batch_size": args.batch_size, "ptuning_num_tokens": n_virtual,
+           "mean_prompt_tokens": float(np.mean(lengths)), "max_prompt_tokens": max(lengths),
+           "shared_prefix_active": shared_active, "shared_prefix_once_seconds": prefix_s,
+           "pass_seconds": times, "pass_seconds_summary": {k: common.summary(v) for k, v in times.items()},
+           "rows_per_second": {k: common.summary(v) for k, v in rps.items()},
+           "throughput_over_plain": {k: common.paired_ratio(times, "plain", k) for k in times},
+           "checks": checks, "eco": eco_info}
+    s = res["throughput_over_plain"]["spul_shared"]
+    res["target"] = {"what": "SPUL (shared prefix) throughput / plain model throughput", "limit": TARGET, "measured": s,
+                     "met": s["median"] >= TARGET}
+
+    names = {"plain": "plain model, no prompt (reference)", "spul_shared": "SPUL, shared prefix (cached once)",
+             "spul_full": "SPUL, full path", "eco": f"ECO ({eco_info['source']})",
+             "trainer": "Trainer-style: full-sequence logits, plain model"}
+    print(common.table(["median (min-max)", "s / pass", "rows / s", "throughput / plain"],
+                       [[names[k], common.fmt(res["pass_seconds_summary"][k]), common.fmt(res["rows_per_second"][k]),
+                         common.fmt(res["throughput_over_plain"][k])] for k in times]))
+    print(f"target: SPUL shared / plain >= {TARGET}: measured {common.fmt(s)}: {'met' if res['target']['met'] else 'NOT met'} (median)")
+    print(f"shared prefix: computed once in {prefix_s * 1e3:.1f} ms{'' if shared_active else ' (NOT active: the full path ran)'}")
+    for name, c in checks.items():
+        print(f"{name}: same prediction on {c['same']}/{c['rows']} rows, max |label logit difference| {c['max_abs_label_logit_diff']:.1e}")
+    print(f"ECO flagged {eco_info['flagged_rows']} of {len(rows)} rows ({eco_info['flagged_forget_rows']} of {n_forget} forget, "
+          f"{eco_info['flagged_retain_rows']} of {len(rows) - n_forget} retain): they run twice")
+    print(f"{len(rows)} SST-2 test rows ({n_forget} forget), {np.mean(lengths):.1f} prompt tokens on average, batch "
+          f"{args.batch_size}, p = {n_virtual}; {model_name}, {res['dtype']}; {common.machine_line(env)}")
+    common.write_results(args.out, env, args, res)
+    if checks["spul_shared_vs_full"]["same"] != len(rows):
+        print("error: SPUL's shared prefix and full path disagree on some rows", file=sys.stderr)
+        sys.exit(1)
+
+
+def make_eco(args, lm, tokenizer, encoder, dev, eco):
+    """(EcoLM on `lm`, what it is): an eco.py folder, or a classifier fitted here on real training rows."""
+    if args.eco_checkpoint:
+        model, cfg = eco.load_eco_model(args.eco_checkpoint, lm=lm)
+        return model.to(dev), {"source": f"from {args.eco_checkpoint}", "strength": cfg.get("strength"),
+                               "threshold": cfg.get("threshold")}
+    scale = float(lm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+    model = eco.EcoLM(lm, eco.Corruption("rand_noise_first_n", args.eco_sigma * scale, None, args.seed),
+                      eco.question_ids(tokenizer)).to(dev)
+    n_forget = max(2, args.eco_fit_rows // 4)
+    data = common.sst2_rows(args, max(2, args.eco_fit_rows - n_forget), n_forget, offset=5)
+    run = dict(batch_size=args.batch_size, device=dev, quiet=True)
+    t, feats = common.timed(lambda: {s: eco.row_features(model, encoder, data[s], **run) for s in ("train_forget", "train_retain")})
+    model.classifier, holdout = eco.fit_classifier(feats["train_forget"], feats["train_retain"], 0.05, 0.2, 1.0, args.seed)
+    return model, {"source": f"classifier fitted here on {len(data['train_forget'])} forget + "
+                             f"{len(data['train_retain'])} retain rows, sigma {args.eco_sigma} x embedding RMS",
+                   "fit_seconds": t, "holdout": holdout, "strength": args.eco_sigma * scale,
+                   "threshold": model.classifier.threshold}
 
 
 @torch.no_grad()
-def reference_predict(lm, encoder, rows, batch_size, dev):
+def trainer_predict(lm, encoder, rows, batch_size, dev):
     """Trainer-style: dataset order, full-sequence logits, then the last (label-predicting) position."""
     from utils.prompts import LeftPadCollator
 
     lm.eval()
     collate = LeftPadCollator(encoder.tokenizer.pad_token_id)
-    preds, logits_at = [], []
+    preds, last = [], []
     for start in range(0, len(rows), batch_size):
         batch = collate([{"input_ids": encoder.prompt_ids(r["text"])} for r in rows[start:start + batch_size]])
         logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
-        last = logits[:, -1].float()
-        preds.append(last.argmax(-1).cpu())
-        logits_at.append(last.cpu())
-    return torch.cat(preds), torch.cat(logits_at)
+        preds.append(logits[:, -1].float().argmax(-1).cpu())
+        last.append(logits[:, -1].float().cpu())
+    return torch.cat(preds), torch.cat(last)
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, out
-
-
-def main():
-    args = parse_args()
-    from utils.data import default_data_dir, load_splits, sample_rows
-    from utils.evaluation import predict_rows
-    from utils.modeling import device, resolve_dtype
-    from utils.prompts import PromptEncoder
-    from utils.stages import load_stage
-
-    torch.manual_seed(0)
-    dev = device()
-    dtype = resolve_dtype("auto")
-    data_dir = args.data_dir or default_data_dir()
-    rows = sample_rows(load_splits(data_dir=data_dir, splits=(args.split,))[args.split], args.rows, seed=0)
-    model, tokenizer, info = load_stage(args.model, dtype)
-    model.to(dev)
-    encoder = PromptEncoder(tokenizer, args.max_length)
-    lengths = [len(encoder.prompt_ids(r["text"])) for r in rows]
-
-    # warm-up (allocator, kernels) on a few rows, then the timed passes
-    predict_rows(model, encoder, rows[:8], args.batch_size, dev, quiet=True)
-    reference_predict(model.lm, encoder, rows[:8], args.batch_size, dev)
-    # passes alternate, so that load from other processes hits both alike; the fastest pass of each counts
-    t_ours = t_ref = float("inf")
-    for i in range(args.repeats):
-        t, ours = timed(lambda: predict_rows(model, encoder, rows, args.batch_size, dev, quiet=True))
-        t_ours = min(t_ours, t)
-        t, (ref_pred, ref_last) = timed(lambda: reference_predict(model.lm, encoder, rows, args.batch_size, dev))
-        t_ref = min(t_ref, t)
-        print(f"pass {i + 1}/{args.repeats}: ours {t_ours:.2f} s, reference {t_ref:.2f} s (best so far)", flush=True)
-
-    first = torch.tensor(encoder.first_label_ids())
-    same = int((ours["pred"] == ref_pred).sum())
-    res = {
-        "model": args.model, "rows": len(rows), "split": args.split, "batch_size": args.batch_size,
-        "mean_prompt_tokens": round(sum(lengths) / len(lengths), 1), "max_prompt_tokens": max(lengths),
-        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, "
-                                                                         f"{torch.get_num_threads()} threads)",
-        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-        "ours_seconds": round(t_ours, 3), "reference_seconds": round(t_ref, 3),
-        "ours_rows_per_s": round(len(rows) / t_ours, 2), "reference_rows_per_s": round(len(rows) / t_ref, 2),
-        "speedup": round(t_ref / t_ours, 2),
-        "identical_predictions": same == len(rows), "same_prediction_rows": same,
-        "max_abs_label_logit_diff": float((ours["label_logits"] - ref_last[:, first]).abs().max()),
-        "repeats": args.repeats,
-    }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
-
-    print(f"evaluation throughput, {args.model} on {len(rows)} SST-2 {args.split} rows "
-          f"(batch {args.batch_size}, {res['mean_prompt_tokens']} prompt tokens on average), {res['device']}, {res['dtype']}")
-    print(f"{'method':<52}{'seconds':>10}{'rows/s':>10}")
-    print(f"{'ours: sorted batches, logits at the label position':<52}{t_ours:>10.2f}{res['ours_rows_per_s']:>10.1f}")
-    print(f"{'reference: Trainer-style full-sequence logits':<52}{t_ref:>10.2f}{res['reference_rows_per_s']:>10.1f}")
-    print(f"speed-up {res['speedup']}x; same prediction on {same}/{len(rows)} rows "
-          f"(max |label logit difference| {res['max_abs_label_logit_diff']:.2e}); wrote {args.out}")
-    if not res["identical_predictions"]:
-        sys.exit(1)
+def agreement(pred_a, pred_b, logits_a, logits_b):
+    n = len(pred_a)
+    return {"rows": n, "same": int((pred_a == pred_b).sum()),
+            "max_abs_label_logit_diff": float((logits_a - logits_b).abs().max()) if n else 0.0}
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

@@ -1,25 +1,35 @@
-"""Benchmark 2: SPUL's KL reference, on the fly against the compact top-k cache.
+"""Benchmark 4: SPUL's KL reference: on the fly against the compact top-k cache, and the cache kept for a grid.
 
     python bench/kl_reference.py                                       # SmolLM2-135M base model
-    python bench/kl_reference.py --model_checkpoints runs/qlora-sst2   # the merged qlora model
+    python bench/kl_reference.py --model_checkpoints runs/qlora-sst2   # the merged qlora model SPUL runs on
 
 online (utils.reference.OnlineReference): a prompt-free forward of the retain rows in every step.
-cache (CachedReference): the frozen model's top-k log-probs at the label-prediction position,
-filled once before training by fill_reference_cache (spul.py's default, k = --kl_topk).
+cache (utils.reference.CachedReference over a ReferenceCache): the frozen model's top-k log-probs at the
+label-prediction position per row (k = --kl_topk), computed once per row (spul.py: when the row is first
+seen) and kept in a store file per model and k (utils.reference.store_path), so that a later run on the
+same model and rows reads them.
 
-Measured in one process on the same SPUL model and the same real SST-2 batch:
-- time per training step of each (one warm-up step each, then alternating timed steps), and the
-  cost of filling the cache per row; per step and per --epochs epochs of SST-2 (47,756 rows),
-  the fill counted once;
-- bytes held: the cache per row (as stored in the dataset items now, and as int32 + float32 arrays)
-  times SST-2's 46,331 retain rows, against the released scripts' full-vocabulary pickle
-  (rows x vocab x 4 bytes); the online reference holds nothing beyond the frozen model;
+Measured in one process on the same SPUL model and the same real SST-2 rows, every figure a median with
+min-max over --repeats repeats that alternate between the variants after one warm-up of each:
+- time per training step with each reference (ratio pair by pair within a repeat); per step with the
+  cache's computation spread over --epochs epochs, and for --epochs epochs of SST-2 (47,756 rows);
+- the Table 3 grid: --grid_runs SPUL runs (the alpha x beta grid, 12) on the same qlora folder and rows
+  compute the reference once, not once per run: the time to compute it for --grid_rows retain rows
+  (ReferenceCache.fill on an empty cache), to save it to a fresh store file and to load it from that file
+  (a new ReferenceCache on the file); the time saved over the grid (the runs with beta > 0 need the
+  reference: all but --grid_runs_without_kl; each after the first loads instead of computing), and the
+  same for SST-2's 46,331 retain rows at the measured rates;
+- bytes held: the cache per row in memory and in the store file, times SST-2's retain rows, against the
+  released scripts' full-vocabulary pickle (rows x vocab x 4 bytes); the online reference holds nothing
+  beyond the frozen model;
 - the error of the top-k KL: |kl_topk - kl_full| per row over --kl_rows real retain rows with the
   prompt on, for k in 8, 32, 128, with the fresh prompt encoder and after the timed training steps.
 Writes bench/results/kl_reference.json.
 """
 import math
-import sys
+import os
+import shutil
+import tempfile
 
 import common
 import torch
@@ -29,16 +39,25 @@ KS = (8, 32, 128)
 
 def main():
     p = common.parser(__doc__, "kl_reference")
-    p.add_argument("--epochs", type=int, default=10, help="epochs the cache fill is spread over (default 10, the paper's)")
-    p.add_argument("--fill_rows", type=int, default=64, help="rows the cache fill is timed on (default 64)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs the reference's computation is spread over (default 10, the paper's)")
     p.add_argument("--kl_rows", type=int, default=128, help="real retain rows the KL error is measured on (default 128)")
+    p.add_argument("--grid_rows", type=int, default=256,
+                   help="retain rows the reference is computed, saved and loaded for (default 256, the demo's SPUL rows)")
+    p.add_argument("--grid_runs", type=int, default=12, help="SPUL runs of the grid (default 12: Table 3's 3 alphas x 4 betas)")
+    p.add_argument("--grid_runs_without_kl", type=int, default=3,
+                   help="runs of the grid with beta = 0, which need no reference (default 3: Table 3's beta = 0 column)")
+    p.set_defaults(precision="fp32")
     args = p.parse_args()
     common.check(args)
+    from utils.cli import UserError
+
+    if not 0 <= args.grid_runs_without_kl < args.grid_runs:
+        raise UserError("--grid_runs_without_kl must be in 0..--grid_runs - 1")
     from utils.losses import kl_full, kl_topk, label_position_logits
     from utils.methods import METHODS, RETAIN, build_training_rows
     from utils.modeling import device
     from utils.prompts import LeftPadCollator
-    from utils.reference import CachedReference, OnlineReference, fill_reference_cache
+    from utils.reference import CachedReference, OnlineReference, ReferenceCache, store_path
     from utils.soft_prompt import build_prompt_model
 
     env, tokenizer, lm, model_name = common.setup(args)
@@ -48,10 +67,10 @@ def main():
     encoder = common.encoder_for(tokenizer, args)
     collate = LeftPadCollator(tokenizer.pad_token_id)
 
-    # one training batch, its cache filled (the cache step needs it; the online step ignores it)
+    # one training batch and its reference values (the cache step reads them; the online step ignores them)
     data = common.sst2_rows(args, args.batch_size - args.forget_rows, args.forget_rows)
     items = build_training_rows(encoder, data, "spul", args.seed)
-    fill_reference_cache(model, items, collate, k=args.kl_topk, batch_size=args.batch_size, device=dev)
+    cache = common.reference_cache(model, items, collate, args, dev)
     batch = common.to_device(collate(items), dev)
 
     # KL error with the fresh prompt encoder (measured before training moves it)
@@ -59,72 +78,127 @@ def main():
     kl_items = encoder.encode_rows(kl_data, role=RETAIN)
     errors = {"fresh_prompt": kl_errors(model, kl_items, collate, args.batch_size, dev, kl_full, kl_topk, label_position_logits)}
 
-    # time: the cache fill per row (eval batches of --batch_size, as spul.py fills with --eval_batch_size)
-    fill_items = build_training_rows(encoder, common.sst2_rows(args, args.fill_rows, 0, offset=2), "spul", args.seed)
-    fill_reference_cache(model, fill_items[:args.batch_size], collate, k=args.kl_topk, batch_size=args.batch_size, device=dev)
-    fill_s, _ = common.timed(lambda: fill_reference_cache(model, fill_items, collate, k=args.kl_topk,
-                                                          batch_size=args.batch_size, device=dev))
-    fill_per_row = fill_s / len(fill_items)
+    # the grid: compute the reference for R retain rows (an empty cache), save it to a fresh store, load it back
+    grid_items = build_training_rows(encoder, {"train_retain": common.sst2_rows(args, args.grid_rows, 0, offset=2)["train_retain"],
+                                               "train_forget": []}, "spul", args.seed)
+    store_dir = tempfile.mkdtemp(prefix="kl-reference-store-")
+    path = os.path.join(store_dir, os.path.basename(store_path(args.model_checkpoints or args.model, args.kl_topk,
+                                                               next(lm.parameters()).dtype)))
+    computed = {}
 
-    # time: training steps, alternating
+    def compute():
+        computed["cache"] = ReferenceCache(grid_items, args.kl_topk).fill(model, grid_items, collate, args.batch_size, dev,
+                                                                          quiet=True)
+        return computed["cache"]
+
+    def save():
+        if os.path.exists(path):
+            os.remove(path)  # a fresh store each time: the first run of a grid writes it
+        c = computed["cache"]
+        c.path = path
+        c.save()
+        return os.path.getsize(path)
+
+    def load():
+        return ReferenceCache(grid_items, args.kl_topk, path)
+
+    try:
+        grid_times, grid_out = common.time_alternating({"compute": compute, "save": save, "load": load}, args.repeats,
+                                                       label="grid: timed repeat")
+        store_bytes = os.path.getsize(path)
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
+    loaded, fresh = grid_out["load"], grid_out["compute"]
+    if loaded.reused != len(grid_items):
+        raise RuntimeError(f"the store gave back {loaded.reused} of {len(grid_items)} rows")
+    load_difference = max(float((loaded.logp - fresh.logp).abs().max()), float((loaded.seq - fresh.seq).abs().max()),
+                          float((loaded.idx != fresh.idx).sum()))
+
+    # time: training steps with each reference, alternating
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.001)
-    refs = {"online": OnlineReference(), "cache": CachedReference()}
-    step = lambda ref: common.train_step(model, opt, batch, METHODS["spul"].objective, ref, {"alpha": 0.5, "beta": 0.5})
-    common.warm_up(model, batch)
-    times = {k: [] for k in refs}
-    for r in refs.values():
-        step(r)
-    for i in range(args.steps):
-        print(f"\rtimed step {i + 1}/{args.steps}", end="", flush=True, file=sys.stderr)
-        for name, r in refs.items():
-            times[name].append(common.timed(lambda: step(r))[0])
-    print(file=sys.stderr)
+    refs = {"online": OnlineReference(), "cache": CachedReference(cache)}
+    steps = {name: (lambda r=r: common.train_step(model, opt, batch, METHODS["spul"].objective, r, {"alpha": 0.5, "beta": 0.5}))
+             for name, r in refs.items()}
+    times, _ = common.time_alternating(steps, args.repeats, label="training step: timed repeat")
     errors["after_training_steps"] = kl_errors(model, kl_items, collate, args.batch_size, dev, kl_full, kl_topk,
                                                label_position_logits)
-    errors["after_training_steps"]["steps"] = 2 * (args.steps + 1)
+    errors["after_training_steps"]["steps"] = 2 * (args.repeats + 1)
 
-    t = {k: common.median(v) for k, v in times.items()}
+    # figures
+    R, G = len(grid_items), args.grid_runs - args.grid_runs_without_kl
+    per_row = {k: [t / R for t in v] for k, v in grid_times.items()}
+    t = {k: common.summary(v) for k, v in times.items()}
+    compute_row = common.summary(per_row["compute"])["median"]
     n_rows = common.SST2_RETAIN + common.SST2_FORGET
     steps_per_epoch = math.ceil(n_rows / args.batch_size)
-    fill_total = fill_per_row * n_rows
-    per_step = {"online": t["online"], "cache": t["cache"] + fill_per_row * args.batch_size / args.epochs}
-    totals = {"online": t["online"] * steps_per_epoch * args.epochs,
-              "cache": t["cache"] * steps_per_epoch * args.epochs + fill_total}
+    retain_share = (args.batch_size - args.forget_rows) / args.batch_size  # rows of a batch that need the reference
+    per_step = {"online": t["online"]["median"],
+                "cache": t["cache"]["median"] + compute_row * args.batch_size * retain_share / args.epochs}
+    totals = {"online": t["online"]["median"] * steps_per_epoch * args.epochs,
+              "cache": t["cache"]["median"] * steps_per_epoch * args.epochs + compute_row * common.SST2_RETAIN}
 
-    # bytes: now Python lists in the dataset items; as arrays, k int32 ids + k float32 log-probs + 1 float32
-    def deep(x):
-        return sys.getsizeof(x) + (sum(sys.getsizeof(v) for v in x) if isinstance(x, list) else 0)
-    held_row = sum(deep(items[0][f]) for f in ("ref_idx", "ref_logp", "ref_seq_logp"))
-    array_row = args.kl_topk * 8 + 4
+    def grid(rows):
+        """Seconds the reference costs a grid of G runs that need it: computed by each, or once and then loaded."""
+        c, s, l = (common.summary([x * rows for x in per_row[k]]) for k in ("compute", "save", "load"))
+        without = G * c["median"]
+        with_store = c["median"] + s["median"] + (G - 1) * l["median"]
+        return {"rows": rows, "compute_seconds": c, "save_seconds": s, "load_seconds": l,
+                "grid_seconds_without_store": without, "grid_seconds_with_store": with_store,
+                "grid_seconds_saved": without - with_store,
+                "fills_saved": G - 1, "compute_over_load": c["median"] / l["median"]}
+
+    measured_grid = grid(R)
+    measured_grid.update(compute_seconds=common.summary(grid_times["compute"]), save_seconds=common.summary(grid_times["save"]),
+                         load_seconds=common.summary(grid_times["load"]),
+                         compute_over_load=common.paired_ratio(grid_times, "compute", "load"))
+    sst2_grid = grid(common.SST2_RETAIN)
+    sst2_grid["note"] = "projected from the measured per-row times (load time taken as linear in the rows)"
+
+    mem_row = args.kl_topk * (cache.idx.element_size() + cache.logp.element_size()) + cache.seq.element_size() + \
+        cache.keys.itemsize + cache.filled.element_size()
+    file_row = store_bytes / R
     full_row = vocab * 4
-    bytes_ = {"cache_row_python_lists": held_row, "cache_row_arrays": array_row, "full_vocab_row": full_row,
-              "sst2_retain_rows": common.SST2_RETAIN,
-              "sst2_cache_python_lists": held_row * common.SST2_RETAIN, "sst2_cache_arrays": array_row * common.SST2_RETAIN,
+    bytes_ = {"cache_row_in_memory": mem_row, "store_file_bytes": store_bytes, "store_file_row": file_row,
+              "full_vocab_row": full_row, "sst2_retain_rows": common.SST2_RETAIN,
+              "sst2_cache_in_memory": mem_row * common.SST2_RETAIN, "sst2_store_file": file_row * common.SST2_RETAIN,
               "sst2_full_vocab_pickle": full_row * common.SST2_RETAIN,
               "sst2_full_vocab_pickle_llama2_32000": 32000 * 4 * common.SST2_RETAIN, "online": 0}
 
-    res = {"model": model_name, "vocab": vocab, "device_type": dev.type, "batch_rows": args.batch_size,
-           "forget_rows": args.forget_rows, "kl_topk": args.kl_topk, "epochs": args.epochs,
-           "step_seconds": times, "step_seconds_median": t, "step_ratio_cache_over_online": t["cache"] / t["online"],
-           "fill_seconds_per_row": fill_per_row, "fill_rows_timed": len(fill_items),
-           "per_step_with_amortised_fill": per_step,
+    res = {"model": model_name, "vocab": vocab, "dtype": str(next(lm.parameters()).dtype), "device_type": dev.type,
+           "batch_rows": args.batch_size, "forget_rows": args.forget_rows, "kl_topk": args.kl_topk, "epochs": args.epochs,
+           "step_seconds": times, "step_seconds_summary": t,
+           "step_ratio_cache_over_online": common.paired_ratio(times, "cache", "online"),
+           "compute_seconds_per_row": common.summary(per_row["compute"]),
+           "per_step_with_computation_spread": per_step,
            "per_step_ratio_cache_over_online": per_step["cache"] / per_step["online"],
            "sst2_steps_per_epoch": steps_per_epoch, "sst2_total_seconds": totals,
-           "sst2_fill_seconds": fill_total, "sst2_total_ratio_cache_over_online": totals["cache"] / totals["online"],
+           "sst2_total_ratio_cache_over_online": totals["cache"] / totals["online"],
+           "grid": {"runs": args.grid_runs, "runs_without_kl": args.grid_runs_without_kl, "runs_needing_reference": G,
+                    "grid_seconds": grid_times, "measured": measured_grid, "sst2_retain": sst2_grid,
+                    "loaded_equals_computed_max_difference": load_difference},
            "bytes": bytes_, "kl_error": errors}
 
     print(common.table(
-        ["KL reference", "online", f"cache (top-{args.kl_topk})", "cache / online"],
-        [["training step, median (s)", t["online"], t["cache"], t["cache"] / t["online"]],
-         [f"step + fill amortised over {args.epochs} epochs (s)", per_step["online"], per_step["cache"],
+        ["KL reference, median (min-max)", "online", f"cache (top-{args.kl_topk})", "cache / online"],
+        [["training step (s)", common.fmt(t["online"]), common.fmt(t["cache"]), common.fmt(res["step_ratio_cache_over_online"])],
+         [f"step + computation spread over {args.epochs} epochs (s)", per_step["online"], per_step["cache"],
           res["per_step_ratio_cache_over_online"]],
          [f"SST-2, {args.epochs} epochs of {steps_per_epoch:,} steps (h)", totals["online"] / 3600,
           totals["cache"] / 3600, res["sst2_total_ratio_cache_over_online"]],
-         ["bytes per row held", 0, f"{held_row:,} (arrays: {array_row})", ""],
-         ["SST-2 retain rows (MiB)", 0, f"{common.mib(bytes_['sst2_cache_python_lists']):.1f} "
-          f"(arrays: {common.mib(bytes_['sst2_cache_arrays']):.1f})", ""],
+         ["bytes per row held (memory / store file)", 0, f"{mem_row:,} / {file_row:,.0f}", ""],
+         ["SST-2 retain rows (MiB, memory / store file)", 0,
+          f"{common.mib(bytes_['sst2_cache_in_memory']):.1f} / {common.mib(bytes_['sst2_store_file']):.1f}", ""],
          ["released scripts' full-vocabulary pickle (MiB)", "", common.mib(bytes_["sst2_full_vocab_pickle"]), ""]]))
-    print(f"cache fill: {fill_per_row * 1e3:.1f} ms per row, {fill_total / 60:.1f} min for SST-2's {n_rows:,} rows, once")
+    print(f"\nTable 3 grid: {args.grid_runs} runs, {G} need the reference (beta > 0); the reference for the same rows is "
+          f"computed once and loaded {G - 1} times instead of computed {G} times")
+    rows = []
+    for name, g in (((f"{R} rows, measured"), measured_grid), ((f"SST-2, {common.SST2_RETAIN:,} retain rows, projected"), sst2_grid)):
+        rows.append([name, common.fmt(g["compute_seconds"]), common.fmt(g["save_seconds"]), common.fmt(g["load_seconds"]),
+                     g["grid_seconds_without_store"] / 60, g["grid_seconds_with_store"] / 60, g["grid_seconds_saved"] / 60])
+    print(common.table(["reference for", "compute (s)", "save (s)", "load (s)", f"grid: {G} x compute (min)",
+                        "grid: 1 compute + save + loads (min)", "saved (min)"], rows))
+    print(f"compute / load, paired: {common.fmt(measured_grid['compute_over_load'])}; loaded values equal the computed ones "
+          f"(max difference {load_difference:.1e}); store file {store_bytes:,} bytes for {R} rows")
     print()
     rows = []
     for state, e in errors.items():
@@ -133,8 +207,7 @@ def main():
                          e[f"k{k}"]["error_over_mean_kl"], e[f"k{k}"]["mean_mass_outside_topk"], e["mean_kl_full"]])
     print(common.table(["prompt", "k", "max |kl_topk - kl_full|", "mean |...|", "mean |...| / mean kl_full", "ref. mass outside top-k",
                         "mean kl_full"], rows))
-    print(f"over {args.kl_rows} real SST-2 retain rows; {env['device']}, {env['torch_threads']} threads, "
-          f"load {env['load_average_at_start']}")
+    print(f"over {args.kl_rows} real SST-2 retain rows; {model_name}, {res['dtype']}; {common.machine_line(env)}")
     common.write_results(args.out, env, args, res)
 
 

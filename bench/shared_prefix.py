@@ -1,4 +1,4 @@
-"""Benchmark 5: the soft prompt's shared prefix against the full path (utils.soft_prompt).
+"""Benchmark 5: the soft prompt's shared prefix against the full path (utils.soft_prompt), a micro-benchmark.
 
     python bench/shared_prefix.py                          # SmolLM2-135M, fp32, batch 32, p = 10, 30, 50
     python bench/shared_prefix.py --repeats 10 --p_values 30
@@ -13,21 +13,20 @@ towards generic labels, spul.py's rows):
   the batch's prompts without labels: shared (the prefix cached once before timing, as in
   scoring), full, and the plain model without any prompt.
 After one warm-up of every variant, the timed repeats alternate between the variants, so that a
-changing machine load hits them alike; median and min-max per variant. Also checked on the same
+changing machine load hits them alike; median and min-max per variant, the ratios pair by pair within
+a repeat. Also checked on the same
 batch: the largest difference between the paths (loss, prompt-encoder gradients, eval logits),
 relative to each tensor's largest value: float rounding only (in float64 the paths agree to 1e-12 or better,
 tests/test_shared_prefix.py; in fp32 each path's prompt-encoder gradients are ~4e-4 of their scale
 from the float64 ones on such a batch). Writes bench/results/shared_prefix.json.
 """
-import os
 
 import common
 import torch
 
 
 def main():
-    p = common.parser(__doc__, "shared_prefix", batch_size=32)
-    p.add_argument("--repeats", dest="steps", type=int, help="timed repeats per variant (alias of --steps, default 5)")
+    p = common.parser(__doc__, "shared_prefix")
     p.add_argument("--p_values", default="10,30,50", help="numbers of virtual tokens to measure (default 10,30,50)")
     p.set_defaults(precision="fp32")
     args = p.parse_args()
@@ -35,7 +34,7 @@ def main():
     from utils.methods import METHODS, build_training_rows
     from utils.modeling import device
     from utils.prompts import LeftPadCollator
-    from utils.reference import CachedReference, fill_reference_cache
+    from utils.reference import CachedReference
     from utils.soft_prompt import build_prompt_model
     from utils.training import TailLM
 
@@ -46,17 +45,17 @@ def main():
     collate = LeftPadCollator(tokenizer.pad_token_id)
     data = common.sst2_rows(args, args.batch_size - args.forget_rows, args.forget_rows)
     items = build_training_rows(encoder, data, "spul", args.seed)
-    # the frozen model's KL cache (the same for every p), filled once as in spul.py
-    fill_reference_cache(TailLM(lm), items, collate, k=args.kl_topk, batch_size=args.batch_size, device=dev)
+    # the frozen model's reference values (the same for every p), computed before timing
+    reference = CachedReference(common.reference_cache(TailLM(lm), items, collate, args, dev))
     train_batch = common.to_device(collate(items), dev)
     prompts = [encoder.prompt_ids(r["text"]) for rows in data.values() for r in rows]
     eval_batch = common.to_device(collate([{"input_ids": ids} for ids in prompts]), dev)
 
     results = {}
-    for n_virtual in [int(v) for v in args.p_values.split(",")]:
+    for n_virtual in common.p_values(args.p_values):
         torch.manual_seed(args.seed)
         model = build_prompt_model(lm, n_virtual, 128).to(dev)
-        results[n_virtual] = measure(model, train_batch, eval_batch, METHODS["spul"].objective, CachedReference(), args)
+        results[n_virtual] = measure(model, train_batch, eval_batch, METHODS["spul"].objective, reference, args)
         print(f"\np = {n_virtual}")
         print(report(results[n_virtual]))
 
@@ -64,10 +63,9 @@ def main():
            "batch_rows": args.batch_size, "forget_rows": args.forget_rows,
            "real_tokens_per_batch": {"train": common.real_tokens(train_batch), "eval": common.real_tokens(eval_batch)},
            "padded_shape": {"train": list(train_batch["input_ids"].shape), "eval": list(eval_batch["input_ids"].shape)},
-           "by_p": results, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+           "by_p": results}
     print(f"\nbatch: {args.batch_size} rows ({args.forget_rows} forget), {res['real_tokens_per_batch']} real tokens, "
-          f"padded {res['padded_shape']}; {env['device']}, {env['torch_threads']} threads, "
-          f"load {env['load_average_at_start']} at the start, {res['load_average_at_end']} at the end")
+          f"padded {res['padded_shape']}; {model_name}, {res['dtype']}; {common.machine_line(env)}")
     common.write_results(args.out, env, args, res)
 
 
@@ -100,24 +98,16 @@ def measure(model, train_batch, eval_batch, objective, reference, args):
 
     variants = {"train_shared": train(True), "train_full": train(False),
                 "eval_shared_cached": evaluate(True), "eval_full": evaluate(False), "eval_plain": evaluate()}
-    outputs = {name: f() for name, f in variants.items()}  # warm-up; the eval prefix is cached from here on
-    times = {name: [] for name in variants}
-    for i in range(args.steps):
-        print(f"\rtimed repeat {i + 1}/{args.steps}", end="", flush=True)
-        for name, f in variants.items():
-            times[name].append(common.timed(f)[0])
-    print()
-    out = {"seconds": times,
-           "median": {k: common.median(v) for k, v in times.items()},
-           "min_max": {k: [min(v), max(v)] for k, v in times.items()},
+    # one warm-up of each (the eval prefix is cached from there on), then alternating repeats
+    times, outputs = common.time_alternating(variants, args.repeats)
+    out = {"seconds": times, "summary": {k: common.summary(v) for k, v in times.items()},
            "max_difference_over_scale": {
                "loss": _rel(outputs["train_shared"][0], outputs["train_full"][0]),
                "prompt_encoder_grads": max(_rel(a, b) for a, b in zip(outputs["train_shared"][1], outputs["train_full"][1])),
                "eval_logits": _rel(outputs["eval_shared_cached"], outputs["eval_full"])}}
-    med = out["median"]
-    out["speedup_full_over_shared"] = {"train": med["train_full"] / med["train_shared"],
-                                       "eval": med["eval_full"] / med["eval_shared_cached"]}
-    out["eval_shared_over_plain"] = med["eval_shared_cached"] / med["eval_plain"]
+    out["speedup_full_over_shared"] = {"train": common.paired_ratio(times, "train_full", "train_shared"),
+                                       "eval": common.paired_ratio(times, "eval_full", "eval_shared_cached")}
+    out["eval_shared_over_plain"] = common.paired_ratio(times, "eval_shared_cached", "eval_plain")
     return out
 
 
@@ -129,13 +119,13 @@ def report(r):
     names = {"train_shared": "train step, shared prefix", "train_full": "train step, full path",
              "eval_shared_cached": "eval forward, shared (cached prefix)", "eval_full": "eval forward, full path",
              "eval_plain": "eval forward, plain model (no prompt)"}
-    rows = [[names[k], r["median"][k], r["min_max"][k][0], r["min_max"][k][1]] for k in names]
+    rows = [[names[k], r["summary"][k]["median"], r["summary"][k]["min"], r["summary"][k]["max"]] for k in names]
     s = r["speedup_full_over_shared"]
     d = r["max_difference_over_scale"]
     return (common.table(["seconds per batch", "median", "min", "max"], rows)
-            + f"\nfull / shared: train {s['train']:.2f}x, eval {s['eval']:.2f}x; eval shared / plain "
-              f"{r['eval_shared_over_plain']:.2f}x\nmax |shared - full| / max |full|: loss {d['loss']:.1e}, "
-              f"grads {d['prompt_encoder_grads']:.1e}, eval logits {d['eval_logits']:.1e}")
+            + f"\ntime full / shared, paired, median (min-max): train {common.fmt(s['train'])}, eval {common.fmt(s['eval'])}; "
+              f"eval shared / plain {common.fmt(r['eval_shared_over_plain'])}\nmax |shared - full| / max |full|: loss "
+              f"{d['loss']:.1e}, grads {d['prompt_encoder_grads']:.1e}, eval logits {d['eval_logits']:.1e}")
 
 
 if __name__ == "__main__":
