@@ -61,14 +61,6 @@ def _parent(folder, info):
     return parent, None
 
 
-def _start_model(parent, pinfo, dtype):
-    """(the model a stage started from, ready to run: merged qlora model or pre-trained model, base model name)."""
-    if pinfo is None:
-        return load_model(parent, dtype=dtype), parent
-    lm, _ = load_merged_model(parent, dtype=dtype)
-    return lm, pinfo["model_name"]
-
-
 def _tokenizer(folders, set_pad_id=False):
     """The tokenizer saved in the first of `folders` that has one (stages save it beside their adapter)."""
     for f in folders:
@@ -162,7 +154,7 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False, shared_prefi
         from .soft_prompt import SoftPromptLM
 
         parent, pinfo = _parent(name, info)
-        lm, base = _start_model(parent, pinfo, dtype)
+        lm, base = load_start_model(parent, dtype)
         peft_model = _with_adapter(lm, name, base, "prompt")
         peft_model.eval()
         model = SoftPromptLM(peft_model, shared_prefix)
@@ -174,7 +166,7 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False, shared_prefi
         parent, pinfo = _parent(name, info)
         base = pinfo["model_name"] if pinfo else parent
         if info.get("lora"):
-            lm = _with_adapter(_start_model(parent, pinfo, dtype)[0], name, base, "LoRA").merge_and_unload()
+            lm = _with_adapter(load_start_model(parent, dtype)[0], name, base, "LoRA").merge_and_unload()
         else:
             if not os.path.exists(os.path.join(name, "config.json")):
                 raise UserError(f"{name} has no saved model (config.json missing): the run did not finish")
@@ -191,7 +183,7 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False, shared_prefi
 
         parent, pinfo = _parent(name, info)
         base = pinfo["model_name"] if pinfo else parent
-        model, eco_info = load_eco_model(name, dtype, lm=_start_model(parent, pinfo, dtype)[0])
+        model, eco_info = load_eco_model(name, dtype, lm=load_start_model(parent, dtype)[0])
         out = {"method": "eco", "model": base, "parent": parent, "eco": eco_info}
         return Stage(model, _tokenizer([name, parent, base], set_pad), _finish(out, stage, name, info))
 
