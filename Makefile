@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # The stamp lives in the Python environment itself: a new virtual environment installs everything anew.
 STAMP := $(shell $(PYTHON) -c 'import sys; print(sys.prefix)')/.spul-deps-installed
 
-.PHONY: install demo test test-unit test-e2e bench clean
+.PHONY: install demo demo-mcqa test test-unit test-e2e bench clean
 
 $(STAMP): requirements.txt Makefile
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch   # local CPU build where it is on disk
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PYTHON) scripts/demo.py
+
+demo-mcqa: $(STAMP)
+	$(PYTHON) scripts/demo.py --task mcqa
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
@@ -33,4 +36,4 @@ bench: $(STAMP)
 	for b in bench/*.py; do $(PYTHON) $$b || exit 1; done
 
 clean:
-	rm -rf runs/demo runs/demo-smoke runs/demo-mcqa $(STAMP)
+	rm -rf runs/demo runs/demo-smoke runs/demo-mcqa runs/demo-mcqa-smoke $(STAMP)
