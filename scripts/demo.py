@@ -321,7 +321,7 @@ def main():
     if mcqa and args.data_dir is None:
         args.data_dir = os.path.join(args.out, "data")
         build_mcqa_data(args)
-    elif not mcqa and args.data_dir is None:
+    elif args.data_dir is None:
         args.data_dir = default_data_dir()
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     t0 = time.time()

@@ -51,9 +51,11 @@ class Task:
     label_words = ()      # the completion of label i (--label_words overrides)
     generic_labels = ()   # what forget rows are trained towards by default (--generic_labels overrides)
     head_prefix = ""      # the head's fixed start: the least of the head that --max_length must hold
-    cue = ""
+    cue = ""              # the prompt's last text: the completion follows it
 
     def read_rows(self, df, where, label_words, text_column="text", label_column="label"):
+        """A frame's rows as the task's row dicts, each with an integer `label`; a malformed cell is a one-line
+        UserError naming `where` and the row."""
         raise NotImplementedError
 
     def words_from_data(self, frames, label_column):
@@ -64,9 +66,11 @@ class Task:
         return row
 
     def head(self, row):
+        """The prompt's start: the only part cut to fit --max_length."""
         raise NotImplementedError
 
     def body(self, row, label_words):
+        """Between head and cue, never cut (mcqa: the lettered choices)."""
         return ""
 
     def n_valid(self, row, n_words):
