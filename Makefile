@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # The stamp lives in the Python environment itself: a new virtual environment installs everything anew.
 STAMP := $(shell $(PYTHON) -c 'import sys; print(sys.prefix)')/.spul-deps-installed
 
-.PHONY: install demo test test-unit test-e2e bench bench-smoke clean
+.PHONY: install demo demo-mcqa test test-unit test-e2e bench bench-smoke clean
 
 $(STAMP): requirements.txt Makefile
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch   # local CPU build where it is on disk
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PYTHON) scripts/demo.py
+
+demo-mcqa: $(STAMP)
+	$(PYTHON) scripts/demo.py --task mcqa
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
@@ -49,4 +52,4 @@ bench-smoke: $(STAMP)
 	$(PYTHON) bench/shared_prefix.py $$S --p_values 10 --out $$O/shared_prefix.json
 
 clean:
-	rm -rf runs/demo runs/demo-smoke runs/demo-mcqa $(STAMP)
+	rm -rf runs/demo runs/demo-smoke runs/demo-mcqa runs/demo-mcqa-smoke $(STAMP)

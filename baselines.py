@@ -25,7 +25,7 @@ import copy
 import os
 
 from utils.cli import (UserError, add_bool, add_data_args, add_model_args, add_training_args, check_training_args,
-                       comma_list, make_parser, nonneg_float, positive_float, positive_int, run_main, set_seed, unit_interval)
+                       make_parser, nonneg_float, positive_float, positive_int, run_main, set_seed, unit_interval)
 from utils.methods import BASELINES, METHODS
 
 
@@ -42,7 +42,9 @@ def parse_args(argv=None):
                                     "updates smaller than a weight's bf16 spacing are lost")
     g.add_argument("--optim", default="adamw_torch",
                    help="transformers optimiser name, e.g. paged_adamw_8bit or adafactor (docs/baselines.md)")
-    g.add_argument("--generic_labels", default="neutral,unknown", help="labels for random_label and LLMU's mismatch term")
+    g.add_argument("--generic_labels", default=None,
+                   help="labels for random_label and LLMU's mismatch term (default: the task's: sentiment neutral,unknown; "
+                        "mcqa unknown)")
     g.add_argument("--kl_reference", choices=["cache", "online"], default="cache",
                    help="cache: the original model's top-k label distribution and completion log-prob, computed once "
                         "before training; online: a frozen copy of the model (or the adapter switched off) every step")
@@ -113,6 +115,7 @@ def main(argv=None):
     from utils.reference import ReferenceCache, make_reference, store_path
     from utils.runs import default_output, finish_run, inherit, prepare_run, remove_checkpoints, save_arguments, short_name
     from utils.stages import load_start_model, start_point
+    from utils.tasks import resolve_generic_labels
     from utils.training import TailLM, TailLossTrainer, enable_gradient_checkpointing, train, training_arguments
 
     method = METHODS[args.unlearn_method]
@@ -121,6 +124,7 @@ def main(argv=None):
     if os.path.isdir(args.model_checkpoints):
         args.model_checkpoints = os.path.abspath(args.model_checkpoints)
     inherit(args, parent, args.model_checkpoints)
+    generic = resolve_generic_labels(args)
     data = training_splits(args)
     args.label_words = ",".join(data.label_words)
     base_name = parent.get("model_name", args.model_checkpoints)
@@ -135,8 +139,7 @@ def main(argv=None):
     except (ValueError, ImportError) as e:  # unknown --optim, bitsandbytes missing, ...
         raise UserError(f"bad training arguments: {str(e).splitlines()[0][:300]}")
     tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
-    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words,
-                            generic_labels=comma_list(args.generic_labels))
+    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, generic_labels=generic, task=data.task)
     rows = build_training_rows(encoder, data, args.unlearn_method, args.seed)
     counts = dict(model_name=base_name, n_train_rows=len(rows), n_train_forget=len(data["train_forget"]),
                   n_train_retain=len(data["train_retain"]))

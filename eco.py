@@ -88,7 +88,7 @@ def main():
     if prepare_run(out, args, "eco") == "done":
         return
     tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
-    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words)
+    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, task=data.task)
     save_arguments(out, args, stage="eco", output_path=out, model_name=base_name)
 
     # model: the model it starts from, frozen, behind the ECO gate
@@ -97,7 +97,7 @@ def main():
     d = lm.get_input_embeddings().weight.shape[1]
     if args.eco_dims is not None and args.eco_dims > d:
         raise UserError(f"--eco_dims {args.eco_dims} exceeds the embedding size {d}")
-    model = eco.EcoLM(lm, eco.Corruption(args.corruption, 1.0, args.eco_dims, args.seed), eco.question_ids(tokenizer),
+    model = eco.EcoLM(lm, eco.Corruption(args.corruption, 1.0, args.eco_dims, args.seed), encoder.cue_ids,
                       feature_layer=args.feature_layer).to(device())
 
     # 1. the prompt classifier, threshold from held-out training rows

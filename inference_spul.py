@@ -6,9 +6,10 @@
 --model_checkpoints is a pre-trained model (hub id, model folder or smollm2-135m) or a folder written
 by qlora.py, spul.py, baselines.py or eco.py; earlier stages are found through its arguments.json.
 Metrics per split: accuracy and weighted F1 of the top token over the whole vocabulary at the position
-that predicts the label (the paper's protocol), accuracy restricted to the label words, the rate of
-generic answers, and a loss-based membership-inference AUC (train_forget vs test_forget; 0.5 is ideal
-after unlearning). --generate adds the paper's protocol for the pre-trained model (greedy, up to 5 new
+that predicts the label (the paper's protocol; for multiple-choice rows the label is the answer letter),
+accuracy restricted to the label words a row may take (mcqa: its own choices' letters), the rate of
+generic answers, the chance level of the split's rows (a uniform guess among each row's labels), and a
+loss-based membership-inference AUC (train_forget vs test_forget; 0.5 is ideal after unlearning). --generate adds the paper's protocol for the pre-trained model (greedy, up to 5 new
 tokens, label word matched); it is on by default for a pre-trained model only.
 
 Writes results.json into the checkpoint folder (under runs/ for a pre-trained model) or --output_path,
@@ -74,13 +75,11 @@ def load_eval_splits(args):
     """The evaluation rows: train_forget and train_retain are the rows the stage trained on (--forget_size
     drawn with seed 42, then the --max_forget / --max_retain caps with the training seed, as
     utils.data.select_training_rows does); --max_eval_rows draws a seeded subset of every split."""
-    from utils.data import Splits, data_kwargs, load_splits, sample_rows, select_training_rows
+    from utils.data import data_kwargs, load_splits, sample_rows, select_training_rows
 
     data = load_splits(splits=args.splits, **data_kwargs(args))
     data = select_training_rows(data, args.forget_size, args.max_forget, args.max_retain, args.data_seed)
-    out = Splits({s: sample_rows(rows, args.max_eval_rows, args.seed) for s, rows in data.items()})
-    out.label_words = data.label_words
-    return out
+    return data.derive({s: sample_rows(rows, args.max_eval_rows, args.seed) for s, rows in data.items()})
 
 
 def default_output(args, trained):
@@ -107,12 +106,14 @@ def format_table(res):
             cells += "".join(f"{100 * v:>8.2f}" if v is not None else f"{'':>8}" for v in vals)
         return f"{name:<24}{cells}"
 
-    lines = [f"{res['method']} | {res['model']} | {res['dataset']} | forget_size {res['forget_size']} | "
+    lines = [f"{res['method']} | {res['model']} | {res['dataset']} ({res.get('task', 'sentiment')}) | "
+             f"forget_size {res['forget_size']} | "
              f"n = {', '.join(str(res['metrics'][s]['n']) for s in splits)}", head, sub,
              row("top token (paper)", res["metrics"])]
     if res.get("generation"):
         lines.append(row("generation (paper, vanilla)", res["generation"]))
     lines.append(row("label words only", res["metrics"], ("label_accuracy", None)))
+    lines.append(row("chance (label words) %", res["metrics"], ("chance", None)))
     lines.append(row("generic answers %", res["metrics"], ("generic_rate", None)))
     lines += ci_lines(res)
     if res.get("mia_auc") is not None:
@@ -172,7 +173,8 @@ def main():
     model, tokenizer, info = load_stage(args.model_checkpoints, dtype, args.set_pad_id, args.shared_prefix is not False)
     dev = device()
     model.to(dev)
-    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, **info["encoder_kwargs"])
+    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, task=data.task,
+                            **info["encoder_kwargs"])
     load_s = time.time() - t0
     generate = args.generate if args.generate is not None else info["method"] == "vanilla"
 
@@ -193,7 +195,8 @@ def main():
 
     # save: results.json only; the checkpoint itself is never written to
     res = {
-        "method": info["method"], "model": info["model"], "dataset": args.dataset, "forget_size": args.forget_size,
+        "method": info["method"], "model": info["model"], "dataset": args.dataset, "task": data.task,
+        "forget_size": args.forget_size,
         "metrics": metrics, "mia_auc": mia, "mia_auc_ci": mia_ci,
         "protocol": {"metrics": "top token over the whole vocabulary at the label-prediction position vs the true "
                                 "label's first token (the paper's protocol)",

@@ -39,7 +39,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    from utils.data import training_splits
+    from utils.data import resolve_task, training_splits
     from utils.methods import RETAIN
     from utils.modeling import load_model, load_tokenizer, resolve_dtype
     from utils.lora import default_target_modules
@@ -53,6 +53,7 @@ def main():
         args.data_dir = os.path.abspath(args.data_dir)
     if os.path.isdir(args.model_name):
         args.model_name = os.path.abspath(args.model_name)
+    resolve_task(args)
     data = training_splits(args)
     args.label_words = ",".join(data.label_words)
     out = args.output_path or default_output("qlora", args, args.model_name, "retrained" if args.train_on == "retain" else "")
@@ -66,7 +67,7 @@ def main():
     set_seed(args.seed)
     targs = training_arguments(args, out)  # sets up the processes: each one's device is targs.device
     tokenizer = load_tokenizer(args.model_name, args.set_pad_id)
-    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words)
+    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, task=data.task)
     rows = encoder.encode_rows(data["train_retain"], role=RETAIN)
     if args.train_on == "all":
         rows += encoder.encode_rows(data["train_forget"], role=RETAIN)

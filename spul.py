@@ -12,8 +12,8 @@ from the last one).
 """
 import os
 
-from utils.cli import (UserError, add_bool, add_data_args, add_model_args, add_training_args, check_training_args, comma_list,
-                       make_parser, nonneg_float, positive_int, run_main, set_seed)
+from utils.cli import (add_bool, add_data_args, add_model_args, add_training_args, check_training_args, make_parser,
+                       nonneg_float, positive_int, run_main, set_seed)
 
 
 def parse_args(argv=None):
@@ -28,7 +28,9 @@ def parse_args(argv=None):
     g.add_argument("--ptuning_hidden_size", type=positive_int, default=128, help="hidden size of the prompt encoder's MLP")
     g.add_argument("--alpha", type=nonneg_float, default=0.5, help="weight of the retain cross-entropy L_r")
     g.add_argument("--beta", type=nonneg_float, default=0.5, help="weight of the retain KL term L_kl")
-    g.add_argument("--generic_labels", default="neutral,unknown", help="labels the forget rows are trained towards")
+    g.add_argument("--generic_labels", default=None,
+                   help="labels the forget rows are trained towards (default: the task's: sentiment neutral,unknown; "
+                        "mcqa unknown)")
     g.add_argument("--kl_reference", choices=["cache", "online"], default="cache",
                    help="cache: the frozen model's top-k label distribution, computed once per row (and kept on disk "
                         "for later runs on the same model); online: a prompt-free forward every step")
@@ -51,15 +53,14 @@ def main():
     from utils.runs import default_output, finish_run, inherit, prepare_run, remove_checkpoints, save_arguments, short_name
     from utils.soft_prompt import build_prompt_model
     from utils.stages import load_start_model, start_point
+    from utils.tasks import resolve_generic_labels
 
     # the model it starts from and the data, checked before any model is loaded: mistakes cost seconds
     parent = start_point(args.model_checkpoints, "spul")
     if os.path.isdir(args.model_checkpoints):
         args.model_checkpoints = os.path.abspath(args.model_checkpoints)
     inherit(args, parent, args.model_checkpoints)
-    generic = comma_list(args.generic_labels)
-    if not generic:
-        raise UserError("--generic_labels names no label")
+    generic = resolve_generic_labels(args)
     data = training_splits(args)
     args.label_words = ",".join(data.label_words)
     base_name = parent.get("model_name", args.model_checkpoints)
@@ -73,7 +74,7 @@ def main():
     set_seed(args.seed)
     targs = training_arguments(args, out)  # sets up the processes: each one's device is targs.device
     tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
-    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, generic_labels=generic)
+    encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, generic_labels=generic, task=data.task)
     rows = build_training_rows(encoder, data, "spul", args.seed)
     counts = dict(model_name=base_name, n_train_rows=len(rows), n_train_forget=len(data["train_forget"]),
                   n_train_retain=len(data["train_retain"]))

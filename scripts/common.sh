@@ -5,7 +5,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
 DATASET=${DATASET:-sst2}
-DATA_DIR=${DATA_DIR:-}                 # local split files instead of the hub dataset
+DATA_DIR=${DATA_DIR:-}                 # local split files instead of the hub dataset (named DATASET in the tables)
+TASK=${TASK:-}                        # sentiment or mcqa (default: the dataset's: mcqa for wmdp_bio)
 OUT=${OUT:-runs}
 LAUNCH=${LAUNCH:-python}              # "accelerate launch" (or torchrun) for several GPUs
 # Full fine-tuning baselines of a 7B model on one 40 GB GPU: ZERO_OFFLOAD=1 runs them under DeepSpeed ZeRO-2 with
@@ -32,7 +33,9 @@ elif ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() els
 fi
 
 data_flags() {
-  if [ -n "$DATA_DIR" ]; then echo "--data_dir=$DATA_DIR"; else echo "--dataset=$DATASET"; fi
+  echo "--dataset=$DATASET"
+  if [ -n "$DATA_DIR" ]; then echo "--data_dir=$DATA_DIR"; fi
+  if [ -n "$TASK" ]; then echo "--task=$TASK"; fi
 }
 
 # Every stage runs with --resume: a finished run with the same settings is kept, an unfinished one continues

@@ -3,6 +3,9 @@ SST-2 subset, ending in the results table (runs/demo/table.md).
 
 vanilla eval → qlora.py → spul.py → baselines.py (every method) → qlora.py --train_on retain
 (the retrained reference) → eco.py → inference_spul.py on every checkpoint → make_tables.py.
+`--task mcqa` runs the same pipeline on multiple-choice questions: a TruthfulQA set built into
+runs/demo-mcqa/data by scripts/make_truthfulqa_mcqa.py, at its own scale (`mcqa`, ~15 minutes), three
+baselines by default, table in runs/demo-mcqa/table.md.
 
 Stages that do not depend on each other run side by side (--jobs, default 2 on a machine with two or
 more cores, each with its share of the cores): on a 2-core CPU that is ~20 % more work per second
@@ -11,8 +14,8 @@ runs/demo/logs/STAGE.log; the terminal shows one progress bar over the stages.
 Re-running resumes: every stage runs with --resume --overwrite, so a stage whose folder holds a finished
 run of the same settings is kept, an unfinished one continues from its last checkpoint, and one made with
 other settings (another --scale or --model_name, an edited recipe) is run again. Each scale writes to its
-own folder (runs/demo, runs/demo-smoke). Sizes are chosen to finish within ~30 minutes on a 2-core CPU;
-see README for the figures.
+own folder (runs/demo, runs/demo-smoke, runs/demo-mcqa, runs/demo-mcqa-smoke). Sizes are chosen to
+finish within ~30 minutes (mcqa: ~15) on a 2-core CPU; see README for the figures.
 """
 import json
 import os
@@ -58,6 +61,21 @@ SCALES = {
         spul=dict(max_steps=480, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.25, beta=0.5),
         baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=192),
         eco=dict(search_rows=64)),
+    # The multiple-choice demo (--task mcqa, CPU, ~15 min): TruthfulQA questions as a four-split set
+    # (scripts/make_truthfulqa_mcqa.py: forget = Health, Nutrition, Psychology, Science; ~75-token prompts, 1.5-2x
+    # SST-2's). qlora.py memorises 96 retain + 64 forget questions: a letter per question is memorised, not a skill
+    # learnt, so 4 epochs at lr 2e-3 (40 steps of 16); SPUL unlearns the 64 with those 96 retain rows (80 steps of 8);
+    # three baselines (GA+GD, NPO, RL) by default (--methods picks others). Sized from one optimiser step timed with
+    # one thread on the 2-core machine (README, "Multiple-choice QA").
+    "mcqa": dict(
+        sizes=dict(max_retain=96, max_forget=64, max_length=192),
+        eval=dict(max_eval_rows=48),
+        qlora=dict(num_epochs=4, train_batch_size=16, lr=2e-3, group_by_length=True),
+        spul=dict(max_steps=80, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.0, beta=0.5),
+        baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=64),
+        eco=dict(search_rows=32),
+        methods="gradient_ascent_descent,npo,random_label",
+        select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]), max_eval_rows=48)),
     # A pipeline check in a minute or two (any model): every stage for a step or two on a handful of rows.
     "smoke": dict(
         sizes=dict(max_retain=12, max_forget=6, max_length=64),
@@ -69,6 +87,9 @@ SCALES = {
         select=dict(spul=dict(lr=[1e-3, 2e-3]), baseline=dict(lr=[1e-5, 1e-4]), max_eval_rows=4)),
 }
 SELECTED = os.path.join(ROOT, "data", "selected", "demo.json")  # the demo scale's choice, recorded with its command
+# what a task changes at every scale: TruthfulQA's longest prompt (question, four options, cue) is 170 tokens
+TASK_SIZES = {"mcqa": dict(max_length=192)}
+MCQA_DATASET = "truthfulqa_mcqa"  # the name the demo's TruthfulQA set carries in results and tables
 
 
 def flags(d):
@@ -97,11 +118,34 @@ def stage_settings(scale, method, selected):
     return {**base, **chosen}
 
 
+def data_flags(args):
+    """The data flags of every stage: the demo's data folder (mcqa: with its task and name), else the hub's SST-2."""
+    if getattr(args, "task", "sentiment") == "mcqa":
+        return ["--task=mcqa", f"--dataset={MCQA_DATASET}", f"--data_dir={args.data_dir}"]
+    return [f"--data_dir={args.data_dir}"] if args.data_dir else ["--dataset=sst2"]
+
+
+def scale_of(args):
+    """The scale's settings with the task's sizes over them."""
+    scale = dict(SCALES[args.scale])
+    scale["sizes"] = {**scale["sizes"], **TASK_SIZES.get(args.task, {})}
+    return scale
+
+
+def build_mcqa_data(args):
+    """The TruthfulQA multiple-choice set in OUTPUT_PATH/data (scripts/make_truthfulqa_mcqa.py; deterministic)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_truthfulqa_mcqa as tqa
+
+    tqa.check_output(args.data_dir)
+    tqa.write(tqa.build(tqa.read_truthfulqa(tqa.DEFAULT_CSV), tqa.comma_list(tqa.FORGET_CATEGORIES)), args.data_dir)
+
+
 def plan(args, scale, selected=None):
     """The jobs in priority order (the longest chains first; evaluations fill the gaps)."""
     selected = selected or {}
     out = args.output_path
-    data = [f"--data_dir={args.data_dir}"] if args.data_dir else ["--dataset=sst2"]
+    data = data_flags(args)
     sizes, ev = flags(scale["sizes"]), flags({**scale["eval"], "max_length": scale["sizes"]["max_length"]})
     skip = set(filter(None, args.skip.split(",")))
     jobs, evals = [], []
@@ -147,7 +191,7 @@ def plan_selection(args, scale):
     """--select: qlora.py, then scripts/select_settings.py for every method on its grid (the stage's other flags as the
     demo runs it), two methods at a time."""
     out = args.output_path
-    data = [f"--data_dir={args.data_dir}"] if args.data_dir else ["--dataset=sst2"]
+    data = data_flags(args)
     qlora = os.path.join(out, "qlora")
     jobs = [Job("qlora", "qlora.py", [*data, *flags(scale["sizes"]), f"--model_name={args.model_name}",
                                       *flags(scale["qlora"]), f"--output_path={qlora}", *REUSE], (), qlora)]
@@ -175,9 +219,15 @@ def record_selection(args, jobs, path):
                                                     for c in sel["candidates"]]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_json(path, {"command": "python scripts/demo.py " + " ".join(sys.argv[1:]), "scale": args.scale,
-                     "model": args.model_name, "dataset": "sst2" if not args.data_dir else os.path.basename(args.data_dir),
+                     "model": args.model_name, "dataset": demo_dataset(args),
                      "methods": methods})
     print(f"recorded the selected settings of {len(methods)} methods in {path}")
+
+
+def demo_dataset(args):
+    if args.task == "mcqa":
+        return MCQA_DATASET
+    return "sst2" if not args.data_dir else os.path.basename(args.data_dir)
 
 
 def read_selected(args, path, explicit):
@@ -190,7 +240,7 @@ def read_selected(args, path, explicit):
         if explicit:
             raise UserError(f"cannot read the selection file {path}")
         return {}
-    dataset = "sst2" if not args.data_dir else os.path.basename(args.data_dir)
+    dataset = demo_dataset(args)
     if not explicit and (os.path.basename(str(data.get("model"))) != os.path.basename(args.model_name)
                          or data.get("dataset") != dataset):
         print(f"{path} was selected for {data.get('model')} on {data.get('dataset')}: using the scale's own settings")
@@ -253,14 +303,20 @@ def main():
     p = make_parser(__doc__)
     p.add_argument("--model_name", "--model", dest="model_name", default="smollm2-135m",
                    help="hub id, local folder, or smollm2-135m (embedded)")
-    p.add_argument("--data_dir", default=default_data_dir(), help="default: ../shared/data/sst2 when present, else the hub")
+    p.add_argument("--task", choices=["sentiment", "mcqa"], default="sentiment",
+                   help="sentiment: SST-2; mcqa: multiple-choice questions from TruthfulQA, built into OUTPUT_PATH/data "
+                        "by scripts/make_truthfulqa_mcqa.py")
+    p.add_argument("--data_dir", default=None,
+                   help="default: sentiment: ../shared/data/sst2 when present, else the hub; mcqa: OUTPUT_PATH/data")
     p.add_argument("--output_path", "--out", dest="output_path", default=None,
-                   help="folder of every stage (default: runs/demo, runs/demo-<scale> for other scales)")
-    p.add_argument("--methods", default=",".join(BASELINES), help="baselines to run (comma-separated)")
+                   help="folder of every stage (default: runs/demo, runs/demo-<scale> for other scales; runs/demo-mcqa, "
+                        "runs/demo-mcqa-<scale> for --task mcqa)")
+    p.add_argument("--methods", default=None,
+                   help="baselines to run (comma-separated; default: every one, or the scale's own list)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip (vanilla, retrained, baselines, eco)")
-    p.add_argument("--scale", choices=sorted(SCALES), default="demo",
-                   help="demo: the sizes of README's table; large: the two-hour CPU table of docs/cpu_scale_table.md; "
-                        "smoke: a one-minute check that every stage runs")
+    p.add_argument("--scale", choices=sorted(SCALES), default=None,
+                   help="demo: the sizes of README's table (the default; mcqa for --task mcqa); large: the two-hour CPU "
+                        "table of docs/cpu_scale_table.md; smoke: a one-minute check that every stage runs")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="stages run side by side")
     p.add_argument("--seeds", default="42", help="training seeds of --seed_methods (42 is every stage's own seed)")
     p.add_argument("--seed_methods", default="spul", help="methods repeated with every seed of --seeds")
@@ -270,14 +326,27 @@ def main():
                    help="the recorded selected settings (default: data/selected/demo.json at the demo scale, "
                         "OUTPUT_PATH/selection.json otherwise)")
     args = p.parse_args()
+    mcqa = args.task == "mcqa"
+    args.scale = args.scale or ("mcqa" if mcqa else "demo")
+    if args.scale in ("demo", "mcqa") and (args.scale == "mcqa") != mcqa:
+        p.error(f"--scale {args.scale} is the {'mcqa' if args.scale == 'mcqa' else 'sentiment'} task's scale "
+                f"(--task {args.task} has its own: leave --scale out)")
+    args.methods = args.methods or SCALES[args.scale].get("methods", ",".join(BASELINES))
     bad = [m for m in filter(None, args.methods.split(",")) if m not in BASELINES]
     if bad:
         p.error(f"unknown method {', '.join(bad)} in --methods: choose from {', '.join(BASELINES)}")
-    args.output_path = args.output_path or os.path.join(ROOT, "runs", "demo" if args.scale == "demo" else f"demo-{args.scale}")
+    name = "demo-mcqa" if mcqa else "demo"
+    own = args.scale in ("demo", "mcqa")  # a task's own scale writes to the task's folder
+    args.output_path = args.output_path or os.path.join(ROOT, "runs", name if own else f"{name}-{args.scale}")
     args.out = args.output_path
     explicit = args.selection is not None
     # the demo scale's selection also serves the larger table: its settings are chosen on the demo's rows
     args.selection = args.selection or (SELECTED if args.scale in ("demo", "large") else os.path.join(args.out, "selection.json"))
+    if mcqa and args.data_dir is None:
+        args.data_dir = os.path.join(args.out, "data")
+        build_mcqa_data(args)
+    elif args.data_dir is None:
+        args.data_dir = default_data_dir()
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     t0 = time.time()
 
@@ -285,9 +354,9 @@ def main():
 
     resolve_model(args.model_name)  # the embedded model is converted once here, not by stages started side by side
     if args.select:
-        jobs = plan_selection(args, SCALES[args.scale])
+        jobs = plan_selection(args, scale_of(args))
     else:
-        jobs = plan(args, SCALES[args.scale], read_selected(args, args.selection, explicit))
+        jobs = plan(args, scale_of(args), read_selected(args, args.selection, explicit))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(jobs)} stages, {args.jobs} at a time, {threads} thread(s) each; logs in {os.path.join(args.out, 'logs')}",
           flush=True)

@@ -16,10 +16,11 @@ per-seed rows) and PREFIX.png (train_forget accuracy against test_retain accurac
 intervals). --output_path is a file prefix; an existing folder or a path ending in '/' gets
 FOLDER/table.md, FOLDER/table.csv, FOLDER/table.png.
 
-Fields read from results.json: method, model, dataset, forget_size, metrics (accuracy, f1 and their
-*_ci, n per split), generation (same), mia_auc, mia_auc_ci, and for grouping seeds train_seed (int or
-null) and run_settings (the training stage's settings without seed and output paths). Files without
-run_settings are each their own row.
+Fields read from results.json: method, model, dataset, task (sentiment when absent), forget_size, metrics
+(accuracy, f1 and their *_ci, n and chance per split), generation (same), mia_auc, mia_auc_ci, and for
+grouping seeds train_seed (int or null) and run_settings (the training stage's settings without seed and
+output paths). Files without run_settings are each their own row. Multiple-choice datasets get a footnote
+with their chance level (a uniform guess among each question's choices).
 """
 import argparse
 import csv
@@ -167,6 +168,11 @@ def _mean_sd(values):
     return mean, sd
 
 
+def _chance(r):
+    """The chance level of each split's scored rows, in percent (None where results.json has none)."""
+    return [None if (r["metrics"].get(s) or {}).get("chance") is None else 100 * r["metrics"][s]["chance"] for s in SPLITS]
+
+
 def _run_row(r, block, protocol):
     cells, ci, n = _block_stats(block)
     mia = r.get("mia_auc") if protocol == "top_token" else None
@@ -239,6 +245,7 @@ def table_rows(results, paper):
         note = ", ".join(f"{k}={_fmt_value(settings[k])}" for k in varying.get(r["method"], []) if k in settings)
         seeds = [x.get("train_seed") for x in g]
         common = {"method": r["method"], "model": str(r.get("model", "")), "dataset": r.get("dataset", ""),
+                  "task": r.get("task") or "sentiment", "chance": _chance(r),
                   "forget_size": r.get("forget_size", 1.0), "settings": settings, "base": base,
                   "seeds": seeds, "runs": [os.path.dirname(x["_path"]) for x in g]}
         protocols = [("top_token", "metrics")] + ([("generation", "generation")] if all(x.get("generation") for x in g) else [])
@@ -272,6 +279,7 @@ def table_rows(results, paper):
             "model": paper["model"], "dataset": prow["dataset"], "forget_size": prow["forget_size"], "settings": psettings,
             "seeds": [], "n_seeds": 0, "runs": [], "cells": prow["cells"], "ci": [[None, None] for _ in SPLITS], "sd": None,
             "n": [None] * len(SPLITS), "mia_auc": None, "mia_auc_ci": None, "mia_auc_sd": None,
+            "task": ref["task"], "chance": [None] * len(SPLITS),
             "ref": ref["label"], "label": ref["label"]})
     return rows
 
@@ -402,6 +410,7 @@ def footnotes(rows, paper, best):
                  "unlearned) from test_forget rows (never trained on) by the log-likelihood of the true label. 0.5 = "
                  "indistinguishable, the goal; above 0.5 the forget rows still look like training data; below 0.5 "
                  "they look *less* like members than unseen rows, i.e. over-unlearning, itself a tell.")
+    notes += mcqa_notes(ours)
     has_paper = bool(paper) and any(r["source"] == "paper" for r in rows)
     if best:
         notes.append("Bold: the best of our unlearning rows in each column (highest on *_retain, lowest on *_forget, "
@@ -413,20 +422,35 @@ def footnotes(rows, paper, best):
     return notes
 
 
-CSV_HEAD = ["source", "method", "name", "label", "protocol", "model", "dataset", "forget_size", "settings",
+def mcqa_notes(ours):
+    """What ACC means on multiple-choice data, and its chance level (a uniform guess among each question's choices),
+    one note per such dataset: 25 % is no forgetting to speak of on four options."""
+    notes = []
+    for ds in dict.fromkeys(r["dataset"] for r in ours if r["task"] == "mcqa"):
+        first = next(r for r in ours if r["dataset"] == ds and r["task"] == "mcqa")
+        chance = " / ".join(_f(c, 1) or "–" for c in first["chance"])
+        notes.append(f"{ds}: multiple-choice questions; ACC and F1 compare the top token with the right answer letter "
+                     f"(A–E). Chance, a uniform guess among each question's choices: {chance} % (train_retain / "
+                     f"train_forget / test_retain / test_forget, on the rows {os.path.basename(first['runs'][0])} scored; each "
+                     f"run's own in the CSV, *_chance).")
+    return notes
+
+
+CSV_HEAD = ["source", "method", "name", "label", "protocol", "model", "dataset", "task", "forget_size", "settings",
             "seeds", "n_seeds"]
 
 
 def write_csv(rows, path):
     cols = list(CSV_HEAD) + [f"{s}_{m}" for s in SPLITS for m in ("acc", "f1")]
     for s in SPLITS:
-        cols += [f"{s}_acc_lo", f"{s}_acc_hi", f"{s}_f1_lo", f"{s}_f1_hi", f"{s}_acc_sd", f"{s}_f1_sd", f"{s}_n"]
+        cols += [f"{s}_acc_lo", f"{s}_acc_hi", f"{s}_f1_lo", f"{s}_f1_hi", f"{s}_acc_sd", f"{s}_f1_sd", f"{s}_n", f"{s}_chance"]
     cols += ["mia_auc", "mia_auc_lo", "mia_auc_hi", "mia_auc_sd", "n", "run"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
-            out = {c: r.get(c, "") for c in ("source", "method", "name", "label", "protocol", "model", "dataset", "forget_size")}
+            out = {c: r.get(c, "") for c in ("source", "method", "name", "label", "protocol", "model", "dataset", "task",
+                                              "forget_size")}
             out["label"] = r.get("label", "")
             out["settings"] = json.dumps(r["settings"], sort_keys=True, default=str) if r["settings"] else ""
             out["seeds"] = ";".join("" if s is None else str(s) for s in r["seeds"])
@@ -438,6 +462,7 @@ def write_csv(rows, path):
                     out[f"{s}_{m}_lo"], out[f"{s}_{m}_hi"] = (_f(ci[0], 3), _f(ci[1], 3)) if ci else ("", "")
                     out[f"{s}_{m}_sd"] = _f(r["sd"][si][j], 3) if r["sd"] else ""
                 out[f"{s}_n"] = "" if r["n"][si] is None else r["n"][si]
+                out[f"{s}_chance"] = _f(r["chance"][si])
             out["mia_auc"] = _f(r["mia_auc"], 4)
             ci = r["mia_auc_ci"]
             out["mia_auc_lo"], out["mia_auc_hi"] = (_f(ci[0], 4), _f(ci[1], 4)) if ci else ("", "")

@@ -101,8 +101,8 @@ def choose(scored, reference, tolerance):
 
 
 def validation_rows(parent, run, data_args, max_rows, seed):
-    """(forget validation, retain validation) rows: the run's own train_forget, and the parent's train_retain
-    rows the run did not train on. Loads the training splits only."""
+    """(forget validation rows, retain validation rows, the encoder's label words and task): the run's own
+    train_forget, and the parent's train_retain rows the run did not train on. Loads the training splits only."""
     from utils.data import load_splits, sample_rows, select_training_rows
 
     data = load_splits(splits=TRAIN_SPLITS, **data_args)
@@ -113,10 +113,11 @@ def validation_rows(parent, run, data_args, max_rows, seed):
     if not held_out:
         raise UserError(f"no retain rows are held out for validation: the runs train on all {len(seen)} retain rows "
                         f"their parent trained on; give them a smaller --max_retain (after --)")
-    return sample_rows(mine["train_forget"], max_rows, seed), sample_rows(held_out, max_rows, seed), data.label_words
+    encoding = {"label_words": data.label_words, "task": data.task}
+    return sample_rows(mine["train_forget"], max_rows, seed), sample_rows(held_out, max_rows, seed), encoding
 
 
-def accuracy(folder, rows, label_words, batch_size):
+def accuracy(folder, rows, encoding, batch_size):
     """Top-token accuracy (the paper's protocol) of the model in `folder` on `rows`."""
     from utils.evaluation import classification_metrics, predict_rows
     from utils.modeling import device
@@ -126,7 +127,7 @@ def accuracy(folder, rows, label_words, batch_size):
     model, tok, info = load_stage(folder)
     model.to(device())
     encoder = PromptEncoder(tok, info["arguments"].get("max_length") or info.get("max_length") or 1024,
-                            label_words=label_words, **info["encoder_kwargs"])
+                            **encoding, **info["encoder_kwargs"])
     return classification_metrics(predict_rows(model, encoder, rows, batch_size, device(), quiet=True), rows, encoder)["accuracy"]
 
 
@@ -155,12 +156,12 @@ def main():
             raise UserError(f"the run {out} failed (exit {proc.returncode}); fix it and call select_settings.py again: finished "
                             f"runs are reused")
         run = read_json(os.path.join(out, "arguments.json"))
-        forget, retain, words = validation_rows(parent, run, data_kwargs(_namespace(run)), args.max_eval_rows, args.seed)
+        forget, retain, encoding = validation_rows(parent, run, data_kwargs(_namespace(run)), args.max_eval_rows, args.seed)
         if not scored:  # the parent model on the same retain rows: what "within the tolerance" is measured from
-            reference = accuracy(args.model_checkpoints, retain, words, args.eval_batch_size)
-            reference_forget = accuracy(args.model_checkpoints, forget, words, args.eval_batch_size)
-        scored.append({"settings": point, "run": out, "forget_val": accuracy(out, forget, words, args.eval_batch_size),
-                       "retain_val": accuracy(out, retain, words, args.eval_batch_size),
+            reference = accuracy(args.model_checkpoints, retain, encoding, args.eval_batch_size)
+            reference_forget = accuracy(args.model_checkpoints, forget, encoding, args.eval_batch_size)
+        scored.append({"settings": point, "run": out, "forget_val": accuracy(out, forget, encoding, args.eval_batch_size),
+                       "retain_val": accuracy(out, retain, encoding, args.eval_batch_size),
                        "n_forget_val": len(forget), "n_retain_val": len(retain)})
         print(f"  forget validation {scored[-1]['forget_val']:.3f}, retain validation {scored[-1]['retain_val']:.3f} "
               f"(parent: {reference_forget:.3f} / {reference:.3f})", flush=True)
@@ -183,7 +184,8 @@ def main():
 def _namespace(run):
     import argparse
 
-    return argparse.Namespace(**{k: run.get(k) for k in ("dataset", "data_dir", "text_column", "label_column", "label_words")})
+    keys = ("dataset", "data_dir", "text_column", "label_column", "label_words", "task")
+    return argparse.Namespace(**{k: run.get(k) for k in keys})
 
 
 def load_selection(path, method, model=None, dataset=None):

@@ -13,8 +13,8 @@ from conftest import run_script, write_split_dir
 from utils.cli import UserError
 from utils.data import load_splits
 from utils.eco import (Corruption, EcoLM, PromptClassifier, binary_report, fit_classifier, fpr_threshold,
-                       load_eco_model, prompt_mask, question_ids, row_features)
-from utils.prompts import LeftPadCollator, PromptEncoder
+                       load_eco_model, prompt_mask, row_features)
+from utils.prompts import LeftPadCollator, PromptEncoder, cue_ids
 from utils.training import TailLM
 
 
@@ -74,7 +74,7 @@ def test_prompt_mask_excludes_pad_and_completion():
 
 def test_unflagged_rows_bit_identical_flagged_rows_corrupted(merged, rows):
     lm, tok, enc = merged
-    eco = EcoLM(lm, Corruption("rand_noise_first_n", 0.5, 16, seed=3), question_ids(tok), PromptClassifier(SumScore(), 0.0))
+    eco = EcoLM(lm, Corruption("rand_noise_first_n", 0.5, 16, seed=3), cue_ids(tok), PromptClassifier(SumScore(), 0.0))
     batch = _batch(enc, rows, completion=True)
     ids, am = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_unflagged_rows_bit_identical_flagged_rows_corrupted(merged, rows):
 def test_noise_only_on_prompt_positions_and_first_n_dims(merged, rows):
     lm, tok, enc = merged
     n, sigma = 16, 0.5
-    eco = EcoLM(lm, Corruption("rand_noise_first_n", sigma, n, seed=3), question_ids(tok), mode="all")
+    eco = EcoLM(lm, Corruption("rand_noise_first_n", sigma, n, seed=3), cue_ids(tok), mode="all")
     batch = _batch(enc, rows[:4], completion=True)
     ids, am = batch["input_ids"], batch["attention_mask"]
     seen, h = _capture(lm)
@@ -109,7 +109,7 @@ def test_noise_only_on_prompt_positions_and_first_n_dims(merged, rows):
     finally:
         h.remove()
     corrupted = seen[0]
-    pm = prompt_mask(ids, am, question_ids(tok))
+    pm = prompt_mask(ids, am, cue_ids(tok))
     n_completion = len(enc.label_ids["positive"])
     assert pm.sum(1).tolist() == (am.sum(1) - n_completion).tolist()
     diff = (corrupted - clean) != 0
@@ -130,7 +130,7 @@ def test_noise_only_on_prompt_positions_and_first_n_dims(merged, rows):
 def test_zero_topk_zeroes_each_selected_tokens_largest_dims(merged, rows):
     lm, tok, enc = merged
     k = 5
-    eco = EcoLM(lm, Corruption("zero_topk", k), question_ids(tok), mode="all")
+    eco = EcoLM(lm, Corruption("zero_topk", k), cue_ids(tok), mode="all")
     batch = _batch(enc, rows[:3])
     ids, am = batch["input_ids"], batch["attention_mask"]
     seen, h = _capture(lm)
@@ -140,7 +140,7 @@ def test_zero_topk_zeroes_each_selected_tokens_largest_dims(merged, rows):
             clean = lm.get_input_embeddings()(ids)
     finally:
         h.remove()
-    pm = prompt_mask(ids, am, question_ids(tok))
+    pm = prompt_mask(ids, am, cue_ids(tok))
     changed = seen[0] != clean
     assert not changed[~pm].any()
     assert torch.equal(changed[pm].sum(-1), torch.full((int(pm.sum()),), k))

@@ -74,7 +74,11 @@ def test_parser_defaults_and_seed_readme_command():
     assert (a.ptuning_num_tokens, a.ptuning_hidden_size, a.alpha, a.beta) == (30, 128, 0.5, 0.5)
     assert (a.lr, a.num_epochs, a.train_batch_size, a.weight_decay, a.lr_scheduler_type, a.warmup_ratio,
             a.max_grad_norm, a.forget_size) == (1e-4, 10, 32, 0.001, "cosine", 0.1, 0.3, 1.0)
-    assert a.generic_labels == "neutral,unknown"
+    assert a.generic_labels is None  # the task's own, resolved once the task is known (sentiment: neutral,unknown)
+    from utils.tasks import resolve_generic_labels
+
+    a.task = "sentiment"
+    assert resolve_generic_labels(a) == ["neutral", "unknown"] and a.generic_labels == "neutral,unknown"
     with pytest.raises(SystemExit) as e:
         spul.parse_args(["--help"])
     assert e.value.code == 0

@@ -117,20 +117,26 @@ def add_data_args(p, child=False):
     """Data flags. `child`: a stage that follows another (spul, baselines, eco, evaluation): flags left out
     are taken from the folder it starts from (utils.runs.inherit), so their defaults here are None."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None if child else "sst2",
-                   help="sst2 or yelp: the paper's hub datasets; a name for --data_dir's data otherwise"
-                        + (" (default: the parent stage's)" if child else ""))
+    g.add_argument("--dataset", default=None,
+                   help="sst2, yelp (sentiment) or wmdp_bio (mcqa): the paper's hub datasets; a name for --data_dir's "
+                        "data otherwise (default: " + ("the parent stage's, else " if child else "") + "sst2; for --task "
+                        "mcqa wmdp_bio, or the --data_dir folder's name)")
+    g.add_argument("--task", choices=["sentiment", "mcqa"], default=None,
+                   help="sentiment: text,label rows; mcqa: multiple-choice question,choices,answer rows answered by a "
+                        "letter (default: " + ("the parent stage's, else " if child else "") + "mcqa for --dataset "
+                        "wmdp_bio, else sentiment)")
     g.add_argument("--data_dir", default=None,
                    help="folder with train_retain, train_forget, test_retain, test_forget as .csv, .jsonl or .parquet "
                         "(e.g. ../shared/data/sst2)" + (" (default: the parent stage's)" if child else ""))
-    g.add_argument("--text_column", default=None if child else "text", help="column holding the text")
+    g.add_argument("--text_column", default=None if child else "text", help="column holding the text (sentiment)")
     g.add_argument("--label_column", default=None if child else "label",
-                   help="column holding the label: an integer 0..n-1 or one of the label words")
+                   help="column holding the label: an integer 0..n-1 or one of the label words (sentiment)")
     g.add_argument("--label_words", default=None,
-                   help="comma-separated words for labels 0, 1, ... (default: from a label_text column when the data "
-                        "has one, else negative,positive)")
+                   help="comma-separated words for labels 0, 1, ... (default: sentiment: from a label_text column when "
+                        "the data has one, else negative,positive; mcqa: A,B,C,D,E)")
     g.add_argument("--max_length", type=positive_int, default=None if child else 1024,
-                   help="max tokens per example; the text is shortened, never the question or the label"
+                   help="max tokens per example; the text (mcqa: the question) is shortened, never the rest of the "
+                        "prompt or the label"
                         + (" (default: the parent stage's)" if child else ""))
     g.add_argument("--forget_size", type=fraction, default=1.0,
                    help="fraction τ of the train_forget rows kept (drawn with seed 42, as in the paper)")

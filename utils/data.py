@@ -3,13 +3,14 @@ import os
 import random
 
 from .cli import UserError
+from .tasks import Sentiment, get_task
 
 SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
 HUB_DATASETS = {
     "sst2": "karuna-bhaila/Unlearning_SST2v3",
     "yelp": "karuna-bhaila/Unlearning_Yelp_Polarity",
 }
-LABEL_WORDS = ("negative", "positive")  # label 0, label 1
+LABEL_WORDS = Sentiment.label_words
 FORGET_SIZE_SEED = 42  # the paper draws the forget subset with seed 42
 _EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
 
@@ -48,64 +49,24 @@ def _read_table(path):
 
 
 class Splits(dict):
-    """{split: rows} plus the label words the rows' integer labels stand for."""
+    """{split: rows} plus the task they belong to and the label words their integer labels stand for."""
 
     label_words = LABEL_WORDS
+    task = "sentiment"
 
-
-def _label_text_words(frames, label_column, n_max=10):
-    """Label words from a `label_text` column (label i -> its word), the same in every split; None without one."""
-    pairs = {}
-    for df, where in frames.values():
-        if "label_text" not in df.columns or label_column not in df.columns:
-            return None
-        for lab, word in zip(df[label_column].tolist(), df["label_text"].tolist()):
-            i, word = _label_value(lab), str(word).strip()
-            if i is None or not 0 <= i < n_max or not word:
-                return None  # text labels, or odd values: the label column alone decides (and reports them)
-            if pairs.setdefault(i, word) != word:
-                raise UserError(f"{where}: label {i} is '{pairs[i]}' in one row and '{word}' in another (label_text)")
-    if not pairs or sorted(pairs) != list(range(len(pairs))):
-        return None
-    return tuple(pairs[i] for i in range(len(pairs)))
-
-
-def _rows_from_frame(df, where, label_words, text_column="text", label_column="label"):
-    for col in (text_column, label_column):
-        if col not in df.columns:
-            raise UserError(f"{where} has no '{col}' column (columns: {', '.join(map(str, df.columns))}); "
-                            f"name yours with --text_column / --label_column")
-    if len(df) == 0:
-        raise UserError(f"{where} is empty")
-    index = {w.lower(): i for i, w in enumerate(label_words)}
-    rows = []
-    for i, (text, label) in enumerate(zip(df[text_column].tolist(), df[label_column].tolist())):
-        lab = _label_value(label)
-        if lab is None and isinstance(label, str):
-            lab = index.get(label.strip().lower())
-        if lab is None or not 0 <= lab < len(label_words):
-            raise UserError(f"{where} row {i}: label {label!r} is neither 0..{len(label_words) - 1} nor one of the label "
-                            f"words {', '.join(label_words)}")
-        rows.append({"text": str(text), "label": lab})
-    return rows
-
-
-def _label_value(label):
-    """The integer a label cell holds, or None. A column with one non-numeric cell is read as strings,
-    so the digits '0'/'1' count as labels too (else the error would name the wrong row)."""
-    if isinstance(label, str):
-        s = label.strip()
-        return int(s) if s.lstrip("-").isdigit() else None
-    try:
-        lab = int(label)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return lab if lab == label else None
+    def derive(self, rows):
+        """A Splits of other rows of the same task and label words."""
+        out = Splits(rows)
+        out.label_words, out.task = self.label_words, self.task
+        return out
 
 
 def _hub_frames(dataset, splits):
+    if dataset in QA_DATASETS:
+        return qa_hub_frames(dataset, splits)
     if dataset not in HUB_DATASETS:
-        raise UserError(f"unknown dataset '{dataset}': choose one of {', '.join(HUB_DATASETS)} or give --data_dir")
+        raise UserError(f"unknown dataset '{dataset}': choose one of {', '.join([*HUB_DATASETS, *QA_DATASETS])} or give "
+                        f"--data_dir")
     repo = HUB_DATASETS[dataset]
     try:
         from huggingface_hub import hf_hub_download, list_repo_files
@@ -125,12 +86,104 @@ def _hub_frames(dataset, splits):
         raise UserError(f"cannot load hub dataset {repo} ({type(e).__name__}); offline? use --data_dir with local copies")
 
 
+# ---------------------------------------------------------------- the paper's multiple-choice data (WMDP-bio / SciQ)
+
+# forget: WMDP-bio (its one split); retain: SciQ, all three splits pooled. Each side is split 70/30 into train/test
+# with QA_SEED (the paper's own split is unpublished), and SciQ's four options are shuffled with QA_SEED.
+QA_DATASETS = {"wmdp_bio": {"forget": ("cais/wmdp", "wmdp-bio", ("test",)),
+                            "retain": ("allenai/sciq", None, ("train", "validation", "test"))}}
+QA_SEED, QA_TEST_FRACTION = 42, 0.3
+
+
+def hub_table(repo, config, split):
+    """One split of a hub dataset as a pandas DataFrame, through `datasets` (tests replace this function)."""
+    from datasets import load_dataset
+
+    return load_dataset(repo, config, split=split).to_pandas()
+
+
+def shuffle_options(correct, wrong, rng):
+    """(choices, answer index): the right option and the wrong ones in an order drawn from `rng`."""
+    options = [correct] + [w for w in wrong if w != correct]
+    order = list(range(len(options)))
+    rng.shuffle(order)
+    return [options[i] for i in order], order.index(0)
+
+
+def split_train_test(items, test_fraction, seed):
+    """(train, test): a seeded draw of round(test_fraction · n) items for test, both in their original order."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    test = set(order[: int(round(len(items) * test_fraction))])
+    return [x for i, x in enumerate(items) if i not in test], [x for i, x in enumerate(items) if i in test]
+
+
+def sciq_as_choices(df, seed=QA_SEED):
+    """SciQ rows (question, distractor1..3, correct_answer) as multiple-choice rows with shuffled options."""
+    rng = random.Random(seed)
+    rows = []
+    for r in df.to_dict("records"):
+        choices, answer = shuffle_options(str(r["correct_answer"]), [str(r[f"distractor{i}"]) for i in (1, 2, 3)], rng)
+        rows.append({"question": r["question"], "choices": choices, "answer": answer})
+    return rows
+
+
+def qa_hub_frames(dataset, splits):
+    """{split: (frame, where)} of the multiple-choice hub dataset `dataset` (only the sides `splits` need)."""
+    import pandas as pd
+
+    out = {}
+    for side, (repo, config, parts) in QA_DATASETS[dataset].items():
+        wanted = [s for s in splits if s.endswith("_" + side)]
+        if not wanted:
+            continue
+        try:
+            df = pd.concat([hub_table(repo, config, p) for p in parts], ignore_index=True)
+        except Exception as e:
+            raise UserError(f"cannot load hub dataset {repo} ({type(e).__name__}); offline? use --data_dir with local "
+                            f"copies (question, choices, answer)")
+        rows = sciq_as_choices(df) if side == "retain" else df[["question", "choices", "answer"]].to_dict("records")
+        train, test = split_train_test(rows, QA_TEST_FRACTION, QA_SEED)
+        for split, part in ((f"train_{side}", train), (f"test_{side}", test)):
+            if split in wanted:
+                out[split] = (pd.DataFrame(part, columns=["question", "choices", "answer"]), f"{repo} ({split})")
+    return {s: out[s] for s in splits}
+
+
+def default_task(dataset):
+    """The task of a dataset name: mcqa for the paper's multiple-choice data, else sentiment."""
+    return "mcqa" if dataset in QA_DATASETS else "sentiment"
+
+
+def default_dataset(task, data_dir=None):
+    """The dataset name when --dataset is left out: sst2, or for mcqa wmdp_bio from the hub, or the data folder's name."""
+    if task != "mcqa":
+        return "sst2"
+    return os.path.basename(os.path.normpath(data_dir)) if data_dir else next(iter(QA_DATASETS))
+
+
+def resolve_task(args):
+    """Fill --task and --dataset when left out, each from the other (neither: sst2, sentiment), and refuse a task
+    that contradicts a known hub dataset."""
+    if getattr(args, "task", None) is None:
+        args.task = default_task(args.dataset)
+    if args.dataset is None:
+        args.dataset = default_dataset(args.task, args.data_dir)
+    known = default_task(args.dataset) if args.dataset in {*HUB_DATASETS, *QA_DATASETS} else None
+    if known and known != args.task and not args.data_dir:
+        raise UserError(f"--dataset {args.dataset} is a {known} dataset, not --task {args.task}")
+    get_task(args.task)
+    return args
+
+
 def load_splits(dataset="sst2", data_dir=None, splits=SPLITS, text_column="text", label_column="label",
-                label_words=None):
-    """Return Splits {split: [{"text", "label"}, ...]} from --data_dir if given, else from the hub.
+                label_words=None, task=None):
+    """Return Splits {split: rows} from --data_dir if given, else from the hub: the task's rows (sentiment:
+    {"text", "label"}; mcqa: {"question", "choices", "label"}); `task` defaults to the dataset's.
 
     Labels are integers 0..n-1 or the label words themselves. The label words come from `label_words`,
-    else from a `label_text` column (consistent across splits), else negative/positive."""
+    else from the data (sentiment: a `label_text` column, consistent across splits), else the task's own."""
+    task = get_task(task or default_task(dataset))
     if data_dir is not None:
         if not os.path.isdir(data_dir):
             raise UserError(f"data folder {data_dir} does not exist")
@@ -142,11 +195,11 @@ def load_splits(dataset="sst2", data_dir=None, splits=SPLITS, text_column="text"
             frames[split] = (_read_table(path), path)
     else:
         frames = _hub_frames(dataset, splits)
-    words = tuple(label_words) if label_words else (_label_text_words(frames, label_column) or LABEL_WORDS)
+    words = tuple(label_words) if label_words else (task.words_from_data(frames, label_column) or task.label_words)
     if len(set(w.lower() for w in words)) != len(words) or len(words) < 2:
         raise UserError(f"the label words must be at least two different words, got {', '.join(words)}")
-    out = Splits({s: _rows_from_frame(df, where, words, text_column, label_column) for s, (df, where) in frames.items()})
-    out.label_words = words
+    out = Splits({s: task.read_rows(df, where, words, text_column, label_column) for s, (df, where) in frames.items()})
+    out.label_words, out.task = words, task.name
     return out
 
 
@@ -177,8 +230,7 @@ def select_training_rows(data, forget_size=1.0, max_forget=None, max_retain=None
     one, so a stage capped at or below its parent's cap trains on rows its parent trained on), then the
     forget-size subset τ of the capped forget rows (seed 42, the paper's draw when there is no cap).
     Evaluation calls this too, so that train_forget is exactly the set that was unlearned."""
-    out = Splits(data)
-    out.label_words = getattr(data, "label_words", LABEL_WORDS)
+    out = data.derive(data) if isinstance(data, Splits) else Splits(data)
     if "train_forget" in out:
         out["train_forget"] = forget_subset(sample_rows(out["train_forget"], max_forget, seed), forget_size)
     if "train_retain" in out:
@@ -190,8 +242,8 @@ def data_kwargs(args):
     """load_splits' keyword arguments from a script's data flags."""
     from .cli import comma_list
 
-    return dict(dataset=args.dataset, data_dir=args.data_dir, text_column=args.text_column,
-                label_column=args.label_column, label_words=comma_list(args.label_words) if args.label_words else None)
+    return dict(dataset=args.dataset, data_dir=args.data_dir, text_column=args.text_column, label_column=args.label_column,
+                label_words=comma_list(args.label_words) if args.label_words else None, task=getattr(args, "task", None))
 
 
 def training_splits(args, splits=("train_retain", "train_forget")):

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cli import UserError
-from .prompts import LeftPadCollator, QUESTION
+from .prompts import LeftPadCollator, cue_ids
 from .modeling import tail_logits
 
 CORRUPTIONS = ("rand_noise_first_n", "zero_topk")
@@ -30,19 +30,19 @@ ECO_FILE = "eco.json"
 
 # ---------------------------------------------------------------- which positions are the prompt
 
-def prompt_mask(input_ids, attention_mask, question_ids):
-    """[B, T] bool: real (non-pad) tokens up to the end of the prompt's question.
+def prompt_mask(input_ids, attention_mask, cue):
+    """[B, T] bool: real (non-pad) tokens up to the end of the prompt's cue.
 
-    The prompt ends with the template's question ('### Sentiment:'); tokens after its last occurrence
-    are a completion (a label appended for teacher-forced scoring) and are no part of the prompt.
-    Rows without the question are all prompt.
+    The prompt ends with the task's cue (`cue`, its tokens: utils.prompts.cue_ids: '### Sentiment:',
+    '### Answer:'); tokens after its last occurrence are a completion (a label appended for
+    teacher-forced scoring) and are no part of the prompt. Rows without the cue are all prompt.
     """
     real = attention_mask.bool()
     B, T = input_ids.shape
-    L = len(question_ids)
+    L = len(cue)
     end = torch.full((B,), T, dtype=torch.long, device=input_ids.device)
     if 0 < L <= T:
-        q = torch.as_tensor(question_ids, device=input_ids.device)
+        q = torch.as_tensor(cue, device=input_ids.device)
         hit = (input_ids.unfold(1, L, 1) == q).all(-1) & real[:, L - 1:]  # [B, T-L+1]
         start = torch.arange(T - L + 1, device=input_ids.device).expand(B, -1)
         last = torch.where(hit, start, torch.full_like(start, -1)).max(-1).values
@@ -177,10 +177,10 @@ class EcoLM(nn.Module):
     `last_flags` (rows of the latest batch).
     """
 
-    def __init__(self, lm, corruption, question_ids, classifier=None, feature_layer=-1, mode="classifier"):
+    def __init__(self, lm, corruption, cue, classifier=None, feature_layer=-1, mode="classifier"):
         super().__init__()
         self.lm, self.corruption, self.classifier = lm, corruption, classifier
-        self.question_ids, self.feature_layer, self.mode = list(question_ids), int(feature_layer), mode
+        self.cue, self.feature_layer, self.mode = list(cue), int(feature_layer), mode
         n_states = lm.config.num_hidden_layers + 1
         if not -n_states <= self.feature_layer < n_states:
             raise UserError(f"--feature_layer {feature_layer} is out of range for a model with {n_states} hidden states")
@@ -200,7 +200,7 @@ class EcoLM(nn.Module):
 
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                       logits_to_keep=keep, use_cache=False, output_hidden_states=True)
-        pmask = prompt_mask(input_ids, attention_mask, self.question_ids)
+        pmask = prompt_mask(input_ids, attention_mask, self.cue)
         return out.logits, mean_pool(out.hidden_states[self.feature_layer], pmask), pmask
 
     def corrupted_logits(self, input_ids, attention_mask, pmask, keep=1):
@@ -216,7 +216,7 @@ class EcoLM(nn.Module):
             return tail_logits(self.lm, input_ids, attention_mask, keep)
         if self.mode == "all":
             self.last_flags = torch.ones(len(input_ids), dtype=torch.bool)
-            return self.corrupted_logits(input_ids, attention_mask, prompt_mask(input_ids, attention_mask, self.question_ids), keep)
+            return self.corrupted_logits(input_ids, attention_mask, prompt_mask(input_ids, attention_mask, self.cue), keep)
         if self.classifier is None:
             raise UserError("this ECO model has no fitted prompt classifier")
         logits, feats, pmask = self.features(input_ids, attention_mask, keep)
@@ -229,17 +229,12 @@ class EcoLM(nn.Module):
         return logits
 
 
-def question_ids(tokenizer):
-    """The template's question tokens as PromptEncoder writes them: they mark the end of a prompt."""
-    return tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-
-
 @torch.no_grad()
 def row_features(eco, encoder, rows, batch_size=32, device="cpu", desc="features", quiet=False):
     """Classifier features [N, d] (float64) of rows' prompts, computed exactly as EcoLM.forward does,
     in the length-sorted batches of utils.evaluation.predict_rows."""
     eco.eval()
-    prompts = [encoder.prompt_ids(r["text"]) for r in rows]
+    prompts = [encoder.prompt_ids(r) for r in rows]
     order = np.argsort([len(p) for p in prompts], kind="stable")
     collate = LeftPadCollator(encoder.tokenizer.pad_token_id)
     out = None
@@ -255,10 +250,12 @@ def row_features(eco, encoder, rows, batch_size=32, device="cpu", desc="features
 
 # ---------------------------------------------------------------- σ by zeroth-order search
 
-def balanced_label_accuracy(scores, rows):
-    """Balanced accuracy of the label-restricted prediction (argmax over the label words' logits).
-    Exactly 1/n_labels for any predictor that ignores the input, whatever its bias: 'chance'."""
-    pred = scores["label_logits"].argmax(-1).numpy()
+def balanced_label_accuracy(scores, rows, valid=None):
+    """Balanced accuracy of the label-restricted prediction (argmax over the logits of the label words each row
+    may take, `valid` [N, n_labels], default all). With every row taking every label: exactly 1/n_labels for any
+    predictor that ignores the input, whatever its bias: 'chance'."""
+    logits = scores["label_logits"] if valid is None else scores["label_logits"].masked_fill(~valid, float("-inf"))
+    pred = logits.argmax(-1).numpy()
     true = np.array([r["label"] for r in rows])
     return float(np.mean([(pred[true == c] == c).mean() for c in np.unique(true)]))
 
@@ -267,8 +264,9 @@ def search_strength(eco, encoder, rows, lo, hi, rounds=10, tolerance=0.05, integ
                     device="cpu", quiet=False, factor=None):
     """Smallest corruption strength whose corrupted forget rows are no better than chance.
 
-    Zeroth-order: only the objective's values are used. f(s) = balanced label accuracy of the rows with
-    every row corrupted at strength s; target f(s) <= 1/n_labels + tolerance. The strength grows from
+    Zeroth-order: only the objective's values are used. f(s) = balanced label accuracy of the rows (each row's
+    answer among its own valid labels) with every row corrupted at strength s; target f(s) <= the rows' chance
+    level + tolerance (1/n_labels for sentiment; the mean of 1/n_choices for multiple-choice rows). The strength grows from
     lo by `factor` (10, or 2 for integer k) until the target is met, then a log-space bisection of
     `rounds` rounds narrows the last bracket (integer strengths stop at adjacent integers). Growing
     from below finds the first crossing: at very large strengths the prediction is a function of the
@@ -278,7 +276,8 @@ def search_strength(eco, encoder, rows, lo, hi, rounds=10, tolerance=0.05, integ
     """
     from .evaluation import predict_rows
 
-    target = 1.0 / len(encoder.label_words) + tolerance
+    target = encoder.chance(rows) + tolerance
+    valid = encoder.valid_mask(rows)
     factor = factor or (2.0 if integer else 10.0)
     mode, log = eco.mode, []
     eco.mode = "all"
@@ -286,7 +285,7 @@ def search_strength(eco, encoder, rows, lo, hi, rounds=10, tolerance=0.05, integ
     def f(s):
         eco.corruption.strength = s
         scores = predict_rows(eco, encoder, rows, batch_size=batch_size, device=device, desc=f"strength {s:.4g}", quiet=True)
-        value = balanced_label_accuracy(scores, rows)
+        value = balanced_label_accuracy(scores, rows, valid)
         log.append({"strength": s, "balanced_label_accuracy": value, "met": value <= target})
         if not quiet:  # one line per evaluation: the search is a dozen forwards over a small subset
             print(f"  strength {s:.5g}: balanced label accuracy {value:.3f} (target <= {target:.3f})")
@@ -357,6 +356,6 @@ def load_eco_model(folder, dtype=torch.float32, lm=None):
         p.requires_grad_(False)
     tokenizer = load_tokenizer(folder)
     corruption = Corruption(cfg["corruption"], cfg["strength"], cfg.get("eco_dims"), cfg.get("noise_seed", 0))
-    model = EcoLM(lm, corruption, question_ids(tokenizer), PromptClassifier(saved["model"], saved["threshold"]),
+    model = EcoLM(lm, corruption, cue_ids(tokenizer, info.get("task")), PromptClassifier(saved["model"], saved["threshold"]),
                   cfg["feature_layer"])
     return model, {**info, **cfg}

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .intervals import auc_ci, f1_ci, wilson
 from .prompts import LeftPadCollator
+from .tasks import match_label
 
 # bootstrap settings of every interval below: seeded, so results.json is reproducible
 N_BOOT, BOOT_SEED = 1000, 0
@@ -24,7 +25,7 @@ def predict_rows(model, encoder, rows, batch_size=32, device="cpu", desc="scorin
     "label_logits": logits of the label words' first tokens [N, n_labels]}, in the rows' order.
     """
     model.eval()
-    prompts = [encoder.prompt_ids(r["text"]) for r in rows]
+    prompts = [encoder.prompt_ids(r) for r in rows]
     order = np.argsort([len(p) for p in prompts], kind="stable")
     collate = LeftPadCollator(encoder.tokenizer.pad_token_id)
     label_first = torch.tensor(encoder.first_label_ids(), device=device)
@@ -43,27 +44,31 @@ def predict_rows(model, encoder, rows, batch_size=32, device="cpu", desc="scorin
 
 
 def classification_metrics(scores, rows, encoder):
-    """Accuracy and weighted F1 by the paper's protocol, plus label-restricted accuracy and the
-    rate of generic answers. Fractions in [0, 1], each with its 95 % interval `*_ci` = [lo, hi]
-    (Wilson for the proportions, a seeded row bootstrap for F1; None for zero rows)."""
+    """Accuracy and weighted F1 by the paper's protocol (the top token over the whole vocabulary against the
+    right label's first token), the accuracy restricted to the labels each row may take (sentiment: every
+    label word; mcqa: the question's letters), the rate of generic answers and the chance level of these rows
+    (a uniform guess among each row's labels). Fractions in [0, 1], each with its 95 % interval `*_ci` =
+    [lo, hi] (Wilson for the proportions, a seeded row bootstrap for F1; None for zero rows)."""
     label_first = encoder.first_label_ids()
     y_true = np.array([label_first[r["label"]] for r in rows])
     y_pred = scores["pred"].numpy()
-    generic = set(encoder.first_label_ids(encoder.generic_labels))
+    generic = list(set(encoder.first_label_ids(encoder.generic_labels)))
     labels = np.array([r["label"] for r in rows])
+    restricted = scores["label_logits"].masked_fill(~encoder.valid_mask(rows), float("-inf")).argmax(-1).numpy()
     n = len(rows)
     correct = int((y_pred == y_true).sum())
-    label_correct = int((scores["label_logits"].argmax(-1).numpy() == labels).sum())
-    n_generic = int(np.isin(y_pred, list(generic)).sum())
+    label_correct = int((restricted == labels).sum())
+    n_generic = int(np.isin(y_pred, generic).sum())
     return {
         "accuracy": float((y_pred == y_true).mean()),
         "accuracy_ci": wilson(correct, n),
         "f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
         "f1_ci": f1_ci(y_true, y_pred, n_boot=N_BOOT, seed=BOOT_SEED),
-        "label_accuracy": float((scores["label_logits"].argmax(-1).numpy() == labels).mean()),
+        "label_accuracy": float((restricted == labels).mean()),
         "label_accuracy_ci": wilson(label_correct, n),
-        "generic_rate": float(np.isin(y_pred, list(generic)).mean()),
+        "generic_rate": float(np.isin(y_pred, generic).mean()),
         "generic_rate_ci": wilson(n_generic, n),
+        "chance": encoder.chance(rows),
         "mean_true_nll": float(-scores["true_logp"].mean()),
         "n": n,
     }
@@ -86,7 +91,8 @@ def mia_auc_ci(member_logp, nonmember_logp):
 # ---------------------------------------------------------------- the paper's generation protocol
 
 GENERATION_PROTOCOL = ("generation: greedy decoding of up to {n} new tokens, the first label word found in the "
-                       "answer is the prediction (the paper's protocol for the pre-trained 'vanilla' rows)")
+                       "answer (mcqa: the first answer letter standing alone) is the prediction (the paper's protocol "
+                       "for the pre-trained 'vanilla' rows)")
 
 
 @torch.no_grad()
@@ -99,7 +105,7 @@ def generate_rows(model, encoder, rows, max_new_tokens=5, batch_size=32, device=
     """
     model.eval()
     tok = encoder.tokenizer
-    prompts = [encoder.prompt_ids(r["text"]) for r in rows]
+    prompts = [encoder.prompt_ids(r) for r in rows]
     order = np.argsort([len(p) for p in prompts], kind="stable")
     collate = LeftPadCollator(tok.pad_token_id)
     eos = tok.eos_token_id
@@ -126,17 +132,10 @@ def generate_rows(model, encoder, rows, max_new_tokens=5, batch_size=32, device=
     return out
 
 
-def match_label(answer, words):
-    """Index of the word of `words` that occurs first in `answer` (case-insensitive); -1 when none does."""
-    a = answer.lower()
-    hits = [(a.find(w.lower()), i) for i, w in enumerate(words) if w.lower() in a]
-    return min(hits)[1] if hits else -1
-
-
 def generation_metrics(answers, rows, encoder):
     """Accuracy and weighted F1 of label words matched in generated answers (no match counts as wrong)."""
     y_true = np.array([r["label"] for r in rows])
-    y_pred = np.array([match_label(a, encoder.label_words) for a in answers])
+    y_pred = np.array([encoder.task.match(a, encoder.label_words) for a in answers])
     generic = np.array([match_label(a, encoder.generic_labels) >= 0 for a in answers])
     return {
         "accuracy": float((y_pred == y_true).mean()),

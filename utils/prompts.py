@@ -1,9 +1,10 @@
-"""The paper's prompt template, label-only masking, truncation that keeps the label, and collation.
+"""The task's prompt template, label-only masking, truncation that keeps the label, and collation.
 
 Every example ends with its completion (the label tokens). Batches are padded on the *left*, so
 the label tokens sit at the same final positions in every row, also after soft-prompt tokens are
 prepended: the position that predicts the label is always -(n_label_tokens + 1). That lets the
-model compute logits for the last few positions only (`logits_to_keep`).
+model compute logits for the last few positions only (`logits_to_keep`). What a prompt says is the
+task's (utils/tasks.py): head (cut to fit) + body + cue (kept whole).
 """
 import random
 
@@ -11,61 +12,76 @@ import numpy as np
 import torch
 
 from .cli import UserError
-from .data import LABEL_WORDS
+from .tasks import Sentiment, get_task
 
-TEXT_PREFIX = "### Text: "
-QUESTION = "\n\n### Question: What is the sentiment of the given text?\n\n### Sentiment:"
-GENERIC_LABELS = ("neutral", "unknown")
+TEXT_PREFIX = Sentiment.head_prefix
+QUESTION = Sentiment.cue
+GENERIC_LABELS = Sentiment.generic_labels
 IGNORE = -100
 
 
-def label_token_ids(tokenizer, word):
-    """Token ids of ' word' as it follows the prompt (tokenised in context, so merges match)."""
-    head = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    full = tokenizer(QUESTION + " " + word, add_special_tokens=False)["input_ids"]
+def cue_ids(tokenizer, task=None):
+    """The tokens of the task's cue, the prompt's end, as PromptEncoder writes them."""
+    return tokenizer(get_task(task).cue, add_special_tokens=False)["input_ids"]
+
+
+def label_token_ids(tokenizer, word, cue=QUESTION):
+    """Token ids of ' word' as it follows the prompt's cue (tokenised in context, so merges match)."""
+    head = tokenizer(cue, add_special_tokens=False)["input_ids"]
+    full = tokenizer(cue + " " + word, add_special_tokens=False)["input_ids"]
     if full[: len(head)] != head or len(full) == len(head):
         raise UserError(f"the tokenizer merges the label '{word}' into the prompt; cannot mask it")
     return full[len(head):]
 
 
 class PromptEncoder:
-    """Turns {"text", "label"} rows into token ids with the label (or a given completion) masked in."""
+    """Turns a task's rows into token ids with the label (or a given completion) masked in.
 
-    def __init__(self, tokenizer, max_length, label_words=LABEL_WORDS, generic_labels=GENERIC_LABELS):
+    `task`: a name of utils.tasks.TASKS (default sentiment); label and generic words default to the task's."""
+
+    def __init__(self, tokenizer, max_length, label_words=None, generic_labels=None, task=None):
+        self.task = get_task(task)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.label_words = tuple(label_words)
-        self.generic_labels = tuple(generic_labels)
+        self.label_words = tuple(label_words or self.task.label_words)
+        self.generic_labels = tuple(generic_labels or self.task.generic_labels)
         clash = {w.lower() for w in self.label_words} & {w.lower() for w in self.generic_labels}
         if clash:
             raise UserError(f"the generic label {', '.join(sorted(clash))} is also a label word; choose --generic_labels "
                             f"outside {', '.join(self.label_words)}")
-        self.label_ids = {w: label_token_ids(tokenizer, w) for w in self.label_words + self.generic_labels}
+        self.label_ids = {w: label_token_ids(tokenizer, w, self.task.cue) for w in self.label_words + self.generic_labels}
         firsts = [self.label_ids[w][0] for w in self.label_words + self.generic_labels]
         if len(set(firsts)) != len(firsts):
             raise UserError("two label words share their first token; the first-token metric cannot tell them apart")
-        self.question_ids = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+        self.cue_ids = cue_ids(tokenizer, self.task)
         self.longest_label = longest = max(len(v) for v in self.label_ids.values())
-        self.min_length = len(tokenizer(TEXT_PREFIX)["input_ids"]) + len(self.question_ids) + longest
+        self.head_min = len(tokenizer(self.task.head_prefix)["input_ids"])
+        self.min_length = self.head_min + len(self.cue_ids) + longest
         if max_length < self.min_length:
             raise UserError(f"--max_length {max_length} cannot hold the prompt and the label (needs at least {self.min_length})")
 
     def first_label_ids(self, words=None):
         return [self.label_ids[w][0] for w in (words or self.label_words)]
 
-    def prompt_ids(self, text, room=None):
-        """Prompt tokens (no completion); the text is cut so that `room` completion tokens still fit.
+    def prompt_ids(self, row, room=None):
+        """Prompt tokens (no completion) of a row; the head is cut so that `room` completion tokens still fit.
 
-        By default room is the longest label's length, so that a text's prompt is the same for every
+        By default room is the longest label's length, so that a row's prompt is the same for every
         completion and at evaluation: a memorised row is scored on exactly the prompt it was trained on."""
-        head = self.tokenizer(TEXT_PREFIX + text)["input_ids"]
-        budget = self.max_length - len(self.question_ids) - (self.longest_label if room is None else room)
-        return head[:budget] + self.question_ids
+        row = self.task.as_row(row)
+        head = self.tokenizer(self.task.head(row))["input_ids"]
+        text = self.task.body(row, self.label_words)
+        body = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        budget = self.max_length - len(body) - len(self.cue_ids) - (self.longest_label if room is None else room)
+        if budget < self.head_min:  # the parts that are never cut do not fit
+            raise UserError(f"{self.task.describe(row)} needs --max_length >= {self.max_length - budget + self.head_min} "
+                            f"to keep its choices and answer (--max_length is {self.max_length})")
+        return head[:budget] + body + self.cue_ids
 
-    def encode(self, text, completion):
+    def encode(self, row, completion):
         """input_ids = prompt + completion tokens; labels = IGNORE except on the completion tokens."""
         comp = self.label_ids[completion]
-        prompt = self.prompt_ids(text)
+        prompt = self.prompt_ids(row)
         return {"input_ids": prompt + comp, "labels": [IGNORE] * len(prompt) + comp}
 
     def encode_rows(self, rows, completion="label", role=0, seed=0):
@@ -74,10 +90,18 @@ class PromptEncoder:
         out = []
         for r in rows:
             word = self.label_words[r["label"]] if completion == "label" else rng.choice(self.generic_labels)
-            item = self.encode(r["text"], word)
+            item = self.encode(r, word)
             item["role"] = role
             out.append(item)
         return out
+
+    def valid_mask(self, rows):
+        """[N, n_labels] bool: the label words each row may answer with (a question's first len(choices) letters)."""
+        n = torch.tensor([self.task.n_valid(r, len(self.label_words)) for r in rows], dtype=torch.long)
+        return torch.arange(len(self.label_words))[None] < n[:, None]
+
+    def chance(self, rows):
+        return self.task.chance(rows, len(self.label_words))
 
 
 def _left_pad(seqs, value):

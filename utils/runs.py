@@ -18,6 +18,7 @@ import sys
 import time
 
 from .cli import UserError, local_rank_zero
+from .data import resolve_task
 
 DONE = "arguments.json"  # written last-updated with "finished": true
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -35,11 +36,15 @@ def settings_of(args, stage=None):
     return json.loads(json.dumps(d, default=str))
 
 
+# settings added after runs were written: what those runs had
+IMPLIED = {"task": "sentiment"}
+
+
 def settings_diff(old, new):
     """['key: old → new', ...] for every setting of `new` that `old` records otherwise."""
     out = []
     for k in sorted(new):
-        a = old.get(k, "(absent)")
+        a = old.get(k, IMPLIED.get(k, "(absent)"))
         if a != new[k]:
             out.append(f"{k}: {a} → {new[k]}")
     return out
@@ -158,8 +163,8 @@ def remove_checkpoints(path):
 # ---------------------------------------------------------------- a stage follows its parent
 
 # Data settings a stage takes from the folder it starts from when they are not given
-INHERITED = ("dataset", "data_dir", "text_column", "label_column", "label_words", "max_length", "data_seed")
-DEFAULTS = {"dataset": "sst2", "text_column": "text", "label_column": "label", "max_length": 1024, "data_seed": 42}
+INHERITED = ("dataset", "task", "data_dir", "text_column", "label_column", "label_words", "max_length", "data_seed")
+DEFAULTS = {"text_column": "text", "label_column": "label", "max_length": 1024, "data_seed": 42}
 
 
 def inherit(args, parent, parent_name, quiet=False):
@@ -174,8 +179,8 @@ def inherit(args, parent, parent_name, quiet=False):
         if mine is None:
             setattr(args, k, theirs)
             taken.append(f"{k}={theirs}")
-        elif k == "dataset" and mine != theirs:
-            raise UserError(f"{parent_name} was fine-tuned on --dataset {theirs}, not {mine}")
+        elif k in ("dataset", "task") and mine != theirs:
+            raise UserError(f"{parent_name} was fine-tuned on --{k} {theirs}, not {mine}")
         elif k == "label_words" and [w.strip() for w in str(mine).split(",")] != [w.strip() for w in str(theirs).split(",")]:
             raise UserError(f"{parent_name} was fine-tuned with the label words {theirs}, not {mine}")
         elif k == "max_length" and mine > theirs:
@@ -197,6 +202,7 @@ def inherit(args, parent, parent_name, quiet=False):
     for k, v in DEFAULTS.items():
         if getattr(args, k, "absent") is None:
             setattr(args, k, v)
+    resolve_task(args)  # --task and --dataset, each from the other when neither the user nor the parent named it
     if args.data_dir:
         if not os.path.isdir(args.data_dir):
             where = f"that {parent_name} was trained on " if parent.get("data_dir") == args.data_dir else ""
