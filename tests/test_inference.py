@@ -273,3 +273,20 @@ def test_smollm2_vanilla(tmp_path, sst2_dir):
     res = json.loads(out.read_text())
     assert res["method"] == "vanilla" and res["model"] == "smollm2-135m" and res["metrics"]["test_retain"]["n"] == 8
     assert res["mia_auc"] is None and res["generation"]["test_retain"]["n"] == 8
+
+
+def test_evaluation_uses_each_stages_generic_labels_stripped(tmp_path, tiny_qlora, tiny_llama):
+    """A stage's --generic_labels reach evaluation word by word, spaces stripped (before: ' unknown' was scored,
+    and baseline folders passed none, so their generic-answer rate counted the default words)."""
+    from utils.modeling import load_merged_model
+
+    merged, _ = load_merged_model(tiny_qlora)
+    full = tmp_path / "rl"
+    merged.save_pretrained(full)
+    _write_args(full, stage="baseline", unlearn_method="random_label", model_checkpoints=tiny_qlora,
+                model_name=tiny_llama, generic_labels="none, unknown ")
+    assert load_stage(str(full)).info["encoder_kwargs"] == {"generic_labels": ["none", "unknown"]}
+    spul = _write_args(tmp_path / "spul", stage="spul", model_checkpoints=tiny_qlora, generic_labels=" neutral,none")
+    from utils.stages import _generic
+
+    assert _generic(json.load(open(os.path.join(spul, "arguments.json")))) == ["neutral", "none"]
