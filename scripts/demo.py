@@ -49,7 +49,7 @@ SCALES = {
         eco=dict(search_rows=32),
         # --select: the grid of every method, scored on validation rows (scripts/select_settings.py); its choice, recorded in
         # data/selected/demo.json, replaces the values above
-        select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[1.0, 1.25, 1.5]), baseline=dict(lr=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4]),
+        select=dict(spul=dict(lr=[5e-4, 1e-3, 2e-3], alpha=[1.0, 1.25, 1.5]), baseline=dict(lr=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4]),
                     max_eval_rows=128)),
     # The larger CPU-scale table (docs/cpu_scale_table.md, about two hours): three times the demo's forget rows
     # and twice as many retain rows, the selected settings with SPUL's epochs kept (160 steps of 8 rows over 384
