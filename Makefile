@@ -23,14 +23,16 @@ demo: $(STAMP)
 demo-mcqa: $(STAMP)
 	$(PYTHON) scripts/demo.py --task mcqa
 
+# one test process per core, at most 4 (each test's scripts run on one thread: tests/conftest.py)
+TEST_JOBS ?= $(shell $(PYTHON) -c 'import os; print(min(4, os.cpu_count() or 1))')
 test: $(STAMP)
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadgroup tests
 
 test-unit: $(STAMP)
-	$(PYTHON) -m pytest -q -m "not e2e" tests
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not e2e" tests
 
 test-e2e: $(STAMP)
-	$(PYTHON) -m pytest -q -m e2e tests
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m e2e tests
 
 # docs/benchmarks.md: every benchmark at full size (figures into bench/results/; take them on an idle machine).
 # BENCH_ARGS go to every script (e.g. --model_checkpoints runs/demo/qlora, --repeats 7).

@@ -163,7 +163,7 @@ def make_eco(args, lm, tokenizer, encoder, dev, eco):
                                "threshold": cfg.get("threshold")}
     scale = float(lm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
     model = eco.EcoLM(lm, eco.Corruption("rand_noise_first_n", args.eco_sigma * scale, None, args.seed),
-                      eco.question_ids(tokenizer)).to(dev)
+                      encoder.cue_ids).to(dev)
     n_forget = max(2, args.eco_fit_rows // 4)
     data = common.sst2_rows(args, max(2, args.eco_fit_rows - n_forget), n_forget, offset=5)
     run = dict(batch_size=args.batch_size, device=dev, quiet=True)

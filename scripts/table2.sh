@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Table 2 of the paper: SST-2 and Yelp on LLaMA-2-7B — vanilla, QLoRA, GA, RL, GA+KL, GA+GD, SPUL.
-# SPUL with p=30, alpha=1, beta=0.5 (the paper's main setting). Override MODEL=, DATA_DIR=, DATASETS=.
+# SPUL with p=30, alpha=1, beta=0.5 (the paper's main setting). Override MODEL=, DATA_DIR=, DATASETS=, METHODS=.
 source "$(dirname "$0")/common.sh"
 DATASETS=${DATASETS:-sst2 yelp}
+METHODS=${METHODS:-gradient_ascent random_label gradient_ascent_kl gradient_ascent_descent}
 for DATASET in $DATASETS; do
   if [ -n "$DATA_DIR" ] && [ "$DATASET" != sst2 ]; then continue; fi   # a local folder holds one dataset
   d="$OUT/table2/$DATASET"
@@ -10,7 +11,7 @@ for DATASET in $DATASETS; do
   qlora "$d/qlora"
   evaluate "$d/qlora"
   runs=("$d/vanilla" "$d/qlora")
-  for m in gradient_ascent random_label gradient_ascent_kl gradient_ascent_descent; do
+  for m in $METHODS; do
     baseline "$d/qlora" "$d/$m" "$m"
     evaluate "$d/$m"
     runs+=("$d/$m")

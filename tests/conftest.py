@@ -8,11 +8,23 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two test processes on a two-core machine (pytest-xdist): one thread each, for them and for
+# the scripts they start, or tiny models slow down several times over oversubscribed cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from utils.data import default_data_dir  # noqa: E402
+
+# Modules whose tests run whole pipelines (minutes each) go first, so that under `pytest -n 2` the short tests
+# fill the gaps at the end instead of one worker finishing a long test alone.
+LONG_FIRST = ("test_scripts.py", "test_select.py", "test_paper_scale.py", "test_multiprocess.py", "test_first_use.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept within a module
 
 
 @pytest.fixture(scope="session")
