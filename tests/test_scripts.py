@@ -40,9 +40,10 @@ def methods_in(table_md):
         return f.read()
 
 
-# the table tests share the module's run folder (the grid scripts start from table2's model): one worker runs them
-@pytest.mark.xdist_group("tables")
-def test_table2_runs_end_to_end(env):
+def test_table2_and_the_grid_scripts_that_reuse_its_model(env):
+    """Table 2 end to end (two of its baselines), then one grid point of each grid recipe (a grid is a loop over
+    the same stage): each starts from table2's qlora folder instead of training its own. One test, so that the
+    order and the folder hold however the tests are spread over processes."""
     run("table2.sh", env, DATASETS="sst2", METHODS="gradient_ascent_kl gradient_ascent_descent")
     d = os.path.join(env["OUT"], "table2", "sst2")
     for m in ("vanilla", "qlora", "gradient_ascent_kl", "gradient_ascent_descent", "spul"):
@@ -51,10 +52,6 @@ def test_table2_runs_end_to_end(env):
     table = methods_in(os.path.join(d, "table.md"))
     assert "spul" in table and "gradient_ascent_descent" in table
 
-
-@pytest.mark.xdist_group("tables")
-def test_grid_scripts_reuse_the_table2_model(env):  # runs after test_table2 (file order)
-    """One grid point each (a grid is a loop over the same stage); each starts from table2's qlora folder."""
     assert "nothing to do" in run("table3.sh", env, ALPHAS="1.0", BETAS="0.5").stdout  # table2's qlora kept
     run("table4.sh", env, SIZES="0.5")
     run("figure2.sh", env, PS="4")
