@@ -32,6 +32,8 @@ from utils.data import default_data_dir  # noqa: E402
 from utils.methods import BASELINES  # noqa: E402
 from utils.runs import read_json, save_json  # noqa: E402
 
+# the paper's Table 2 baselines and NPO: the methods the demo's selection covers
+DEMO_METHODS = "gradient_ascent,random_label,gradient_ascent_kl,gradient_ascent_descent,npo"
 SCALES = {
     # The demo (CPU, ~30 min): qlora.py memorises 384 retain + 128 forget rows; SPUL unlearns the 128 forget
     # rows with 256 of the memorised retain rows (a subset), the baselines with 64 of them; 64 rows per split
@@ -49,7 +51,7 @@ SCALES = {
         eco=dict(search_rows=32),
         # the paper's Table 2 baselines and NPO, each with its selected learning rate (--methods adds LLMU, NPO+RT:
         # they then run with the default settings above, not selected ones)
-        methods="gradient_ascent,random_label,gradient_ascent_kl,gradient_ascent_descent,npo",
+        methods=DEMO_METHODS,
         # --select: the grid of every method, scored on validation rows (scripts/select_settings.py); its choice, recorded in
         # data/selected/demo.json, replaces the values above
         select=dict(spul=dict(lr=[5e-4, 1e-3], alpha=[1.0, 1.5]), baseline=dict(lr=[3e-6, 1e-5, 3e-5]),
@@ -64,8 +66,9 @@ SCALES = {
         spul=dict(max_steps=480, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.25, beta=0.5),
         baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=192),
         eco=dict(search_rows=64),
-        methods="gradient_ascent,random_label,gradient_ascent_kl,gradient_ascent_descent,npo"),
-    # The multiple-choice demo (--task mcqa, CPU; aimed at ~15 min, but QLoRA's steps measured 17 s, not ~10 s: ~25 min): TruthfulQA questions as a four-split set
+        methods=DEMO_METHODS),
+    # The multiple-choice demo (--task mcqa, CPU; aimed at ~15 min, but QLoRA's steps measured 17 s, not ~10 s:
+    # ~25 min): TruthfulQA questions as a four-split set
     # (scripts/make_truthfulqa_mcqa.py: forget = Health, Nutrition, Psychology, Science; ~75-token prompts, 1.5-2x
     # SST-2's). qlora.py memorises 96 retain + 64 forget questions: a letter per question is memorised, not a skill
     # learnt, so 4 epochs at lr 2e-3 (40 steps of 16); SPUL unlearns the 64 with those 96 retain rows (80 steps of 8);

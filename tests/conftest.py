@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the scripts they start, or tiny models slow down several times over oversubscribed cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+ONCE_PER_RUN = "session"  # pytest's scope: built once per test run (per test process under -n)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -27,14 +28,14 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept within a module
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope=ONCE_PER_RUN)
 def sst2_dir():
     d = default_data_dir()
     assert d is not None, "../shared/data/sst2 is missing beside the checkout"
     return d
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope=ONCE_PER_RUN)
 def smol_path():
     """The embedded SmolLM2-135M-Instruct, converted once to safetensors."""
     from utils.modeling import resolve_model
@@ -42,7 +43,7 @@ def smol_path():
     return resolve_model("smollm2-135m")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope=ONCE_PER_RUN)
 def tokenizer(smol_path):
     from utils.modeling import load_tokenizer
 
@@ -69,13 +70,13 @@ def _save_tiny(path, model_type, tokenizer, seed=0):
     return str(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope=ONCE_PER_RUN)
 def tiny_llama(tmp_path_factory, tokenizer):
     """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer, saved to a folder."""
     return _save_tiny(tmp_path_factory.mktemp("tiny_llama"), "llama", tokenizer)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope=ONCE_PER_RUN)
 def tiny_opt(tmp_path_factory, tokenizer):
     return _save_tiny(tmp_path_factory.mktemp("tiny_opt"), "opt", tokenizer)
 
@@ -104,7 +105,7 @@ def run_script(script, *args, check=True, timeout=900, env=None):
     return proc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope=ONCE_PER_RUN)
 def tiny_qlora(tmp_path_factory, tiny_llama, sst2_dir):
     """A finished qlora.py folder on the tiny Llama (full precision, a few steps): input to later stages."""
     out = tmp_path_factory.mktemp("runs") / "qlora"
