@@ -1,11 +1,11 @@
 """The CPU quickstart (`make demo`): the whole pipeline on the embedded SmolLM2-135M and a seeded
 SST-2 subset, ending in the results table (runs/demo/table.md).
 
-vanilla eval → qlora.py → spul.py → baselines.py (every method) → qlora.py --train_on retain
+vanilla eval → qlora.py → spul.py → baselines.py (the paper's Table 2 four) → qlora.py --train_on retain
 (the retrained reference) → eco.py → inference_spul.py on every checkpoint → make_tables.py.
 `--task mcqa` runs the same pipeline on multiple-choice questions: a TruthfulQA set built into
-runs/demo-mcqa/data by scripts/make_truthfulqa_mcqa.py, at its own scale (`mcqa`, ~15 minutes), three
-baselines by default, table in runs/demo-mcqa/table.md.
+runs/demo-mcqa/data by scripts/make_truthfulqa_mcqa.py, at its own scale (`mcqa`, 14 minutes measured), GA+GD
+by default, table in runs/demo-mcqa/table.md.
 
 Stages that do not depend on each other run side by side (--jobs, default 2 on a machine with two or
 more cores, each with its share of the cores): on a 2-core CPU that is ~20 % more work per second
@@ -32,10 +32,11 @@ from utils.data import default_data_dir  # noqa: E402
 from utils.methods import BASELINES  # noqa: E402
 from utils.runs import read_json, save_json  # noqa: E402
 
-# the paper's Table 2 baselines and NPO: the methods the demo's selection covers
-DEMO_METHODS = "gradient_ascent,random_label,gradient_ascent_kl,gradient_ascent_descent,npo"
+# the paper's Table 2 baselines: the demo's (NPO, also selected, with --methods: ~2 min more); the larger table adds NPO
+DEMO_METHODS = "gradient_ascent,random_label,gradient_ascent_kl,gradient_ascent_descent"
+SELECTED_METHODS = DEMO_METHODS + ",npo"  # the methods the demo scale's selection covers
 SCALES = {
-    # The demo (CPU, ~30 min): qlora.py memorises 384 retain + 128 forget rows; SPUL unlearns the 128 forget
+    # The demo (CPU, < 30 min with the installation): qlora.py memorises 384 retain + 128 forget rows; SPUL unlearns the 128 forget
     # rows with 256 of the memorised retain rows (a subset), the baselines with 64 of them; 64 rows per split
     # are scored (train_* caps come from each stage's own arguments.json). SPUL: p=10 (CPU time grows with p),
     # 160 steps of 8 rows at lr 2e-3; twice as many retain rows as forget rows keep test_retain answers
@@ -48,14 +49,15 @@ SCALES = {
         qlora=dict(num_epochs=2, train_batch_size=16, lr=1e-3, group_by_length=True),
         spul=dict(max_steps=160, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.25, beta=0.5, max_retain=256),
         baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=64),
-        eco=dict(search_rows=32),
-        # the paper's Table 2 baselines and NPO, each with its selected learning rate (--methods adds LLMU, NPO+RT:
-        # they then run with the default settings above, not selected ones)
+        # 5 bisection rounds narrow σ to 7.5 %: finer than 32 rows can tell apart (the default 10 re-scores them 5 more times)
+        eco=dict(search_rows=32, search_rounds=5),
+        # the paper's Table 2 baselines, each with its selected learning rate (--methods adds NPO, selected too, and
+        # LLMU, NPO+RT, which then run with the default settings above, not selected ones)
         methods=DEMO_METHODS,
         # --select: the grid of every method, scored on validation rows (scripts/select_settings.py); its choice, recorded in
         # data/selected/demo.json, replaces the values above
         select=dict(spul=dict(lr=[5e-4, 1e-3], alpha=[1.0, 1.5]), baseline=dict(lr=[3e-6, 1e-5, 3e-5]),
-                    max_eval_rows=128)),
+                    max_eval_rows=128, methods=SELECTED_METHODS)),
     # The larger CPU-scale table (docs/cpu_scale_table.md, about two hours): three times the demo's forget rows
     # and twice as many retain rows, the selected settings with SPUL's epochs kept (160 steps of 8 rows over 384
     # rows in the demo: 3.3 epochs), 300 rows per split scored; --seeds repeats chosen methods.
@@ -66,23 +68,23 @@ SCALES = {
         spul=dict(max_steps=480, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.25, beta=0.5),
         baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=192),
         eco=dict(search_rows=64),
-        methods=DEMO_METHODS),
-    # The multiple-choice demo (--task mcqa, CPU; aimed at ~15 min, but QLoRA's steps measured 17 s, not ~10 s:
-    # ~25 min): TruthfulQA questions as a four-split set
-    # (scripts/make_truthfulqa_mcqa.py: forget = Health, Nutrition, Psychology, Science; ~75-token prompts, 1.5-2x
-    # SST-2's). qlora.py memorises 96 retain + 64 forget questions: a letter per question is memorised, not a skill
-    # learnt, so 4 epochs at lr 2e-3 (40 steps of 16); SPUL unlearns the 64 with those 96 retain rows (80 steps of 8);
-    # three baselines (GA+GD, NPO, RL) by default (--methods picks others). Sized from one optimiser step timed with
-    # one thread on the 2-core machine (README, "Multiple-choice QA").
+        methods=SELECTED_METHODS),
+    # The multiple-choice demo (--task mcqa, CPU, <= 15 min): TruthfulQA questions as a four-split set
+    # (scripts/make_truthfulqa_mcqa.py: forget = Health, Nutrition, Psychology, Science; ~75-token prompts, about
+    # twice SST-2's). A letter per question must be memorised, not a skill learnt: at lr 2e-3 (4 epochs of 48 + 48
+    # questions) QLoRA learnt only the commonest letter (loss 1.2, every model answered "A"); 8 epochs at lr 5e-3 on
+    # 32 + 32 questions bring the loss to ~0.6 (lr 1e-2: 1.3). SPUL unlearns the 32 with those 32 retain rows (24
+    # steps of 8: 3 epochs); GA+GD (--methods adds others) for 2 epochs at lr 5e-5 (not selected: at 1e-5 its few
+    # steps changed no answer); every training row and 32 test rows per split scored. Timed in README.
     "mcqa": dict(
-        sizes=dict(max_retain=96, max_forget=64, max_length=192),
-        eval=dict(max_eval_rows=48),
-        qlora=dict(num_epochs=4, train_batch_size=16, lr=2e-3, group_by_length=True),
-        spul=dict(max_steps=80, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.0, beta=0.5),
-        baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=64),
-        eco=dict(search_rows=32),
-        methods="gradient_ascent_descent,npo,random_label",
-        select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]), max_eval_rows=48)),
+        sizes=dict(max_retain=32, max_forget=32, max_length=192),
+        eval=dict(max_eval_rows=32),
+        qlora=dict(num_epochs=8, train_batch_size=8, lr=5e-3, group_by_length=True),
+        spul=dict(max_steps=24, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.0, beta=0.5),
+        baseline=dict(num_epochs=2, train_batch_size=8, lr=5e-5, max_retain=32),
+        eco=dict(search_rows=16, search_rounds=5),
+        methods="gradient_ascent_descent",
+        select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]), max_eval_rows=32)),
     # A pipeline check in a minute or two (any model): every stage for a step or two on a handful of rows.
     "smoke": dict(
         sizes=dict(max_retain=12, max_forget=6, max_length=64),
@@ -137,6 +139,12 @@ def scale_of(args):
     scale = dict(SCALES[args.scale])
     scale["sizes"] = {**scale["sizes"], **TASK_SIZES.get(args.task, {})}
     return scale
+
+
+def default_methods(scale, select=False):
+    """The baselines a scale runs (--select: the ones its selection covers); every baseline when it names none."""
+    own = SCALES[scale]
+    return (select and own.get("select", {}).get("methods")) or own.get("methods", ",".join(BASELINES))
 
 
 def build_mcqa_data(args):
@@ -338,7 +346,7 @@ def main():
     if args.scale in ("demo", "mcqa") and (args.scale == "mcqa") != mcqa:
         p.error(f"--scale {args.scale} is the {'mcqa' if args.scale == 'mcqa' else 'sentiment'} task's scale "
                 f"(--task {args.task} has its own: leave --scale out)")
-    args.methods = args.methods or SCALES[args.scale].get("methods", ",".join(BASELINES))
+    args.methods = args.methods or default_methods(args.scale, args.select)
     bad = [m for m in filter(None, args.methods.split(",")) if m not in BASELINES]
     if bad:
         p.error(f"unknown method {', '.join(bad)} in --methods: choose from {', '.join(BASELINES)}")

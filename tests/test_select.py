@@ -133,3 +133,16 @@ def test_the_demo_and_the_recipes_take_the_recorded_choice(tmp_path):
     out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "EVAL_EXTRA": "--max_eval_rows=1"})
     assert out.stdout.strip() == "--lr=3e-05", out.stderr
+
+
+def test_the_recorded_selection_covers_every_method_the_demo_and_the_larger_table_run():
+    import demo
+
+    recorded = set(json.load(open(demo.SELECTED))["methods"])
+    for scale in ("demo", "large"):
+        assert set(demo.default_methods(scale).split(",")) | {"spul"} <= recorded, scale
+    # the demo runs the paper's Table 2 baselines; its selection (--select) and the larger table add NPO
+    assert "npo" not in demo.default_methods("demo").split(",")
+    assert "npo" in demo.default_methods("demo", select=True).split(",")
+    assert "npo" in demo.default_methods("large").split(",")
+    assert demo.default_methods("smoke") == ",".join(demo.BASELINES)
