@@ -329,3 +329,25 @@ def test_spul_computes_the_reference_only_for_rows_it_trains_on_and_reuses_it(ti
     assert second["reused"] == first["computed"] and second["path"] == first["path"]
     assert f"reference cache: {first['computed']:,} of 24 rows reused" in proc.stdout
     assert second["reused"] + second["computed"] == 16  # three steps of 8 rows saw every row
+
+
+def test_the_store_key_follows_the_weights_not_the_files_written_beside_them(tmp_path):
+    """An evaluation writes results.json into the qlora folder between the runs of a grid: the store file those runs
+    share must keep its name; new weights (or k, or dtype) must give another."""
+    from utils.reference import store_path
+
+    folder = tmp_path / "qlora"
+    folder.mkdir()
+    (folder / "arguments.json").write_text("{}")
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"0" * 16)
+    first = store_path(str(folder), 32, torch.float32)
+    assert first.startswith(str(folder / "reference_cache")) and os.path.basename(first).startswith("top32-float32-")
+    for name in ("results.json", "training_log.json", "README.md"):
+        (folder / name).write_text("{}")
+    (folder / "reference_cache").mkdir()
+    (folder / "reference_cache" / os.path.basename(first)).write_bytes(b"")
+    assert store_path(str(folder), 32, torch.float32) == first
+    assert store_path(str(folder), 16, torch.float32) != first and store_path(str(folder), 32, torch.bfloat16) != first
+    (folder / "adapter_model.safetensors").write_bytes(b"1" * 17)  # retrained: other weights
+    assert store_path(str(folder), 32, torch.float32) != first

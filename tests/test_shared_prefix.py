@@ -242,8 +242,10 @@ def test_the_prefix_matters_and_dropping_it_is_caught(tiny_llama, tokenizer, mon
     attn = model.lm.model.layers[1].self_attn
     forward = attn.forward
     width = b["input_ids"].shape[1]
+    # (the past keys/values come as `cache` from transformers 5.24 on, as `past_key_values` before)
     monkeypatch.setattr(attn, "forward", lambda *a, **k: forward(
-        *a, **{**k, "past_key_values": None, "attention_mask": k["attention_mask"][..., -width:]}))
+        *a, **{**{n: v for n, v in k.items() if n not in ("past_key_values", "cache")},
+               "attention_mask": k["attention_mask"][..., -width:]}))
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"read the shared prefix in layers \[0\] of 2"):
         model(b["input_ids"], b["attention_mask"])
     monkeypatch.undo()

@@ -207,6 +207,10 @@ def fill_reference_cache(model, items, collator, k=32, batch_size=32, device="cp
     return ReferenceCache(items, k, path).fill(model, items, collator, batch_size, device, desc, quiet)
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".gguf")
+CONFIG_FILES = ("config.json", "adapter_config.json")
+
+
 def store_path(model_checkpoints, k, dtype):
     """Where the reference values of the model `model_checkpoints` (a stage folder, a model folder, a hub id
     or the embedded name) live: inside a stage folder of ours, else under the cache root; the file name
@@ -218,8 +222,10 @@ def store_path(model_checkpoints, k, dtype):
     folder = os.path.abspath(name) if os.path.isdir(name) else None
     h = hashlib.sha1((folder or name).encode())
     if folder:
+        # the weights and their configuration only: an evaluation's results.json or a README written into the
+        # folder later must not change the key (a grid's runs around an evaluation share one store)
         for f in sorted(os.listdir(folder)):
-            if f.endswith((".safetensors", ".bin", ".json")) and f != "arguments.json":
+            if f.endswith(WEIGHT_FILES) or f in CONFIG_FILES:
                 st = os.stat(os.path.join(folder, f))
                 h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
     if folder and os.path.exists(os.path.join(folder, "arguments.json")):

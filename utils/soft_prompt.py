@@ -13,6 +13,7 @@ Position ids are counted over real tokens after the p virtual positions in both 
 never shifts the scored positions.
 """
 import contextlib
+import inspect
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ class SoftPromptLM(nn.Module):
         cache = SharedPrefixCache(prefix)
         with _cache_kept_under_checkpointing(self.lm):
             out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, p:],
-                          past_key_values=cache, logits_to_keep=keep, use_cache=False)
+                          **{_cache_kwarg(self.lm): cache}, logits_to_keep=keep, use_cache=False)
         if cache.read_layers != set(range(len(prefix))):  # a layer ran without the prefix: never a silent difference
             raise RuntimeError(f"the LM read the shared prefix in layers {sorted(cache.read_layers)} of {len(prefix)}")
         return out.logits
@@ -107,7 +108,8 @@ class SoftPromptLM(nn.Module):
         positions = torch.arange(virtual.shape[1], device=virtual.device)[None]
         cache = Cache(layer_class_to_replicate=_RecordLayer)
         with _cache_kept_under_checkpointing(self.lm):
-            self.lm.base_model(inputs_embeds=virtual, position_ids=positions, past_key_values=cache, use_cache=False)
+            self.lm.base_model(inputs_embeds=virtual, position_ids=positions, **{_cache_kwarg(self.lm.base_model): cache},
+                               use_cache=False)
         n_layers = self.lm.config.get_text_config().num_hidden_layers
         if len(cache.layers) != n_layers or not all(layer.is_initialized for layer in cache.layers):
             raise RuntimeError(f"the LM recorded the prefix in {len(cache.layers)} of {n_layers} layers")
@@ -151,6 +153,12 @@ def _shared_prefix_blocker(lm):
     if any(getattr(m._gradient_checkpointing_func, "keywords", {}).get("use_reentrant") is not False for m in checkpointed):
         return "reentrant gradient checkpointing carries no gradient through past keys/values"
     return None
+
+
+def _cache_kwarg(module):
+    """The name the forward takes past keys/values by: transformers 5.24 renamed past_key_values to cache (the old
+    name is accepted until 5.40, after which it would land in **kwargs unread)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 @contextlib.contextmanager
