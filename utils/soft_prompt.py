@@ -164,8 +164,7 @@ def _cache_kwarg(module):
 @contextlib.contextmanager
 def _cache_kept_under_checkpointing(lm):
     """GradientCheckpointingLayer drops the past keys/values (`cache` from transformers 5.24, `past_key_values`
-    before) in training unless the layer declares that it only
-    reads its cache. The caches here give the same answer on the backward replay as in the forward
+    before) in training unless the layer declares that it only reads its cache. The caches here give the same answer on the backward replay as in the forward
     (SharedPrefixCache stores nothing, _RecordLayer overwrites with equal states), so declare it for this
     forward only: the LM's layers are left as they were for any other cache."""
     layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
