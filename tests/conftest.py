@@ -12,7 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the scripts they start, or tiny models slow down several times over oversubscribed cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-ONCE_PER_RUN = "session"  # pytest's scope: built once per test run (per test process under -n)
+# pytest's widest fixture scope, named after its Session class: each such fixture is built once per test run
+# (once per test process under -n), not once per test
+ONCE_PER_RUN = pytest.Session.__name__.lower()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

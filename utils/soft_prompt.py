@@ -13,6 +13,7 @@ Position ids are counted over real tokens after the p virtual positions in both 
 never shifts the scored positions.
 """
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -85,7 +86,7 @@ class SoftPromptLM(nn.Module):
         cache = SharedPrefixCache(prefix)
         with _cache_kept_under_checkpointing(self.lm):
             out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, p:],
-                          **{_cache_kwarg(self.lm): cache}, logits_to_keep=keep, use_cache=False)
+                          **{_cache_kwarg(type(self.lm)): cache}, logits_to_keep=keep, use_cache=False)
         if cache.read_layers != set(range(len(prefix))):  # a layer ran without the prefix: never a silent difference
             raise RuntimeError(f"the LM read the shared prefix in layers {sorted(cache.read_layers)} of {len(prefix)}")
         return out.logits
@@ -108,7 +109,7 @@ class SoftPromptLM(nn.Module):
         positions = torch.arange(virtual.shape[1], device=virtual.device)[None]
         cache = Cache(layer_class_to_replicate=_RecordLayer)
         with _cache_kept_under_checkpointing(self.lm):
-            self.lm.base_model(inputs_embeds=virtual, position_ids=positions, **{_cache_kwarg(self.lm.base_model): cache},
+            self.lm.base_model(inputs_embeds=virtual, position_ids=positions, **{_cache_kwarg(type(self.lm.base_model)): cache},
                                use_cache=False)
         n_layers = self.lm.config.get_text_config().num_hidden_layers
         if len(cache.layers) != n_layers or not all(layer.is_initialized for layer in cache.layers):
@@ -155,18 +156,20 @@ def _shared_prefix_blocker(lm):
     return None
 
 
-def _cache_kwarg(module):
-    """The name the forward takes past keys/values by: transformers 5.24 renamed past_key_values to cache (the old
-    name is accepted until 5.40, after which it would land in **kwargs unread)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+@functools.lru_cache
+def _cache_kwarg(model_class):
+    """The name the class's forward takes past keys/values by (read once per class): transformers 5.24 renamed
+    past_key_values to cache (the old name is accepted until 5.40, after which it would land in **kwargs unread)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 @contextlib.contextmanager
 def _cache_kept_under_checkpointing(lm):
     """GradientCheckpointingLayer drops the past keys/values (`cache` from transformers 5.24, `past_key_values`
-    before) in training unless the layer declares that it only reads its cache. The caches here give the same answer on the backward replay as in the forward
-    (SharedPrefixCache stores nothing, _RecordLayer overwrites with equal states), so declare it for this
-    forward only: the LM's layers are left as they were for any other cache."""
+    before) in training unless the layer declares that it only reads its cache. The caches here give the same
+    answer on the backward replay as in the forward (SharedPrefixCache stores nothing, _RecordLayer overwrites
+    with equal states), so declare it for this forward only: the LM's layers are left as they were for any
+    other cache."""
     layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
     saved = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
     for m in layers:
