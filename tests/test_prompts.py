@@ -1,5 +1,7 @@
 """The paper's template, label-only masking, truncation that keeps the question and the label,
 seeded generic labels, and the left-padding collator with right-aligned tail labels."""
+import json
+
 import pytest
 import torch
 
@@ -197,3 +199,64 @@ def test_position_ids_ignore_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     pos = position_ids_from_mask(mask)
     assert pos[0, 2:].tolist() == [0, 1, 2] and pos[1].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def llama2_style_tokenizer(sst2_sample):
+    """A LLaMA-2-style tokenizer trained here in a second: SentencePiece-like BPE pieces ('▁' starts a word, byte
+    fallback for newlines) in transformers' LlamaTokenizer with legacy=True, as LLaMA-2 loads: every text handed to
+    it gets a dummy-prefix '▁'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    from utils.tasks import MultipleChoice, Sentiment
+
+    lines = [r["text"] for r in sst2_sample] + [t.head_prefix + t.cue for t in (Sentiment, MultipleChoice)]
+    lines += [q["question"] for q in QUESTIONS] + ["### Choices: A B C D E positive negative neutral unknown"] * 20
+    spm = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    spm.train_from_iterator([s.replace("\n", " ") for s in lines],
+                            trainers.BpeTrainer(vocab_size=700, special_tokens=special, show_progress=False))
+    merges = [tuple(m) for m in json.loads(spm.to_str())["model"]["merges"]]
+    return LlamaTokenizer(vocab=spm.get_vocab(), merges=merges, legacy=True, add_bos_token=True)
+
+
+QUESTIONS = [{"question": "What is the boiling point of water at sea level?", "choices": ["100 C", "50 C", "0 C"], "label": 0},
+             {"question": "Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide", "helium", "argon"],
+              "label": 1}]
+
+
+@pytest.mark.parametrize("which", ["llama2_style_tokenizer", "tokenizer"])
+@pytest.mark.parametrize("task", ["sentiment", "mcqa"])
+def test_a_prompt_has_the_ids_of_its_whole_text(which, task, sst2_sample, request):
+    """Head, body and cue are written in pieces; the ids are those of tokenising the whole text (prompt, ' ', label)
+    in one go, also for a SentencePiece tokenizer that would give each piece tokenised alone a dummy-prefix token.
+    A head cut to fit loses its own ids only."""
+    from utils.tasks import get_task
+
+    tok = request.getfixturevalue(which)
+    t = get_task(task)
+    rows = QUESTIONS if task == "mcqa" else sst2_sample[:8]
+    enc = PromptEncoder(tok, 1024, task=task)
+    for row in rows:
+        prompt_text = t.head(t.as_row(row)) + t.body(row, enc.label_words) + t.cue
+        word = enc.label_words[row["label"]]
+        assert enc.encode(row, word)["input_ids"] == tok(prompt_text + " " + word)["input_ids"]
+    # cut: the whole text's ids, less some of the head's; nothing of the body, the cue or the label is lost
+    row = {**rows[0], **({"question": rows[0]["question"] * 8} if task == "mcqa" else {"text": LONG.strip()})}
+    prompt_text, head_text = t.head(row) + t.body(row, enc.label_words) + t.cue, t.head(row)
+    whole, n_head = tok(prompt_text)["input_ids"], len(tok(head_text)["input_ids"])
+    short = PromptEncoder(tok, n_head, task=task).prompt_ids(row)
+    kept = len(short) - (len(whole) - n_head)
+    assert 0 < kept < n_head and short == whole[:kept] + whole[n_head:]
+
+
+def test_the_llama2_style_tokenizer_gives_pieces_a_dummy_prefix(llama2_style_tokenizer):
+    """What the test above guards against: tokenised alone, the cue starts with a '▁' token its context does not
+    have; the encoder's cue (which ECO's prompt mask looks for) is the one in context."""
+    from utils.prompts import cue_ids
+
+    tok = llama2_style_tokenizer
+    alone = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone)[0] == "▁" and alone[1:] == cue_ids(tok) == PromptEncoder(tok, 256).cue_ids

@@ -20,9 +20,27 @@ GENERIC_LABELS = Sentiment.generic_labels
 IGNORE = -100
 
 
+# What a piece of the prompt follows when its ids are taken out of context: a word, as a prompt's text ends
+ANCHOR = "x"
+
+
+def piece_ids(tokenizer, prefix, piece):
+    """Token ids of `piece` as it is tokenised after `prefix`: ids(prefix + piece) minus ids(prefix), so that a
+    prompt written in pieces has the ids of its whole text. A SentencePiece tokenizer (LLaMA-2) gives every text
+    it is handed a dummy-prefix '▁'; tokenised alone, a piece would carry one where the whole text has none. When a
+    token spans the boundary (prefix's ids not a prefix of the whole's), no split of the whole text's ids gives
+    the piece: its ids alone then."""
+    head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prefix + piece, add_special_tokens=False)["input_ids"]
+    if full[: len(head)] != head:
+        return tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return full[len(head):]
+
+
 def cue_ids(tokenizer, task=None):
-    """The tokens of the task's cue, the prompt's end, as PromptEncoder writes them."""
-    return tokenizer(get_task(task).cue, add_special_tokens=False)["input_ids"]
+    """The tokens of the task's cue, the prompt's end, as PromptEncoder writes them: in context after a word
+    (a prompt's text precedes the cue), so ECO's prompt mask finds the very ids the encoder emits."""
+    return piece_ids(tokenizer, ANCHOR, get_task(task).cue)
 
 
 def label_token_ids(tokenizer, word, cue=QUESTION):
@@ -69,9 +87,12 @@ class PromptEncoder:
         By default room is the longest label's length, so that a row's prompt is the same for every
         completion and at evaluation: a memorised row is scored on exactly the prompt it was trained on."""
         row = self.task.as_row(row)
-        head = self.tokenizer(self.task.head(row))["input_ids"]
-        text = self.task.body(row, self.label_words)
-        body = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        text = self.task.head(row)
+        head = self.tokenizer(text)["input_ids"]
+        # the body in context after the whole head, so that the ids are the whole text's (only the head's are cut);
+        # the cue has one tokenisation (in context after a word), by which ECO finds the prompt's end
+        body_text = self.task.body(row, self.label_words)
+        body = piece_ids(self.tokenizer, text, body_text) if body_text else []
         budget = self.max_length - len(body) - len(self.cue_ids) - (self.longest_label if room is None else room)
         if budget < self.head_min:  # the parts that are never cut do not fit
             raise UserError(f"{self.task.describe(row)} needs --max_length >= {self.max_length - budget + self.head_min} "
