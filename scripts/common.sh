@@ -51,14 +51,15 @@ qlora() {
     --lora_dropout=0.1 --output_path="$out" --resume $EXTRA $QLORA_EXTRA "$@"
 }
 
-# selected METHOD: the settings chosen for METHOD in $SELECTION, as flags (none without SELECTION); a selection
-# made on another model or dataset is an error
+# selected METHOD: the settings chosen for METHOD in $SELECTION, as flags (none without SELECTION), with a training
+# seed the selection's runs did not use (--seed=1 after a selection at the default 42): the table reports fresh runs
+# of the chosen settings, not the runs they won on. A selection made on another model or dataset is an error
 selected() {
   [ -n "$SELECTION" ] || return 0
   python -c "import sys; sys.path[:0] = ['.', 'scripts']
-from select_settings import load_selection
+from select_settings import stage_flags
 from utils.cli import run_main
-run_main(lambda: print(' '.join(f'--{k}={v}' for k, v in load_selection(*sys.argv[1:]).items())))" \
+run_main(lambda: print(' '.join(stage_flags(*sys.argv[1:]))))" \
     "$SELECTION" "$1" "$MODEL" "$DATASET"
 }
 

@@ -157,14 +157,27 @@ def build_mcqa_data(args):
     tqa.write(tqa.build(tqa.read_truthfulqa(tqa.DEFAULT_CSV), tqa.comma_list(tqa.FORGET_CATEGORIES)), args.data_dir)
 
 
-def plan(args, scale, selected=None):
-    """The jobs in priority order (the longest chains first; evaluations fill the gaps)."""
-    selected = selected or {}
+def plan(args, scale, selected=None, used=None):
+    """The jobs in priority order (the longest chains first; evaluations fill the gaps). `used`: {method: training
+    seeds its selection ran on these rows}; the table's runs take other seeds, so it reports fresh runs."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from select_settings import DEFAULT_SEED, fresh_seed
+
+    selected, used = selected or {}, used or {}
     out = args.output_path
     data = data_flags(args)
     sizes, ev = flags(scale["sizes"]), flags({**scale["eval"], "max_length": scale["sizes"]["max_length"]})
     skip = set(filter(None, args.skip.split(",")))
     jobs, evals = [], []
+
+    def seed_flags(method, seed=None):
+        """--seed of a table run of `method`: by default one its selection did not use on these rows."""
+        seed = fresh_seed(used.get(method, ())) if seed is None else seed
+        if seed in used.get(method, ()):
+            raise UserError(f"--seeds {seed}: {method}'s settings were selected on its runs of seed {seed} on these rows "
+                            f"({getattr(args, 'selection', None) or 'the selection'}); the table reports fresh runs: "
+                            f"choose seeds other than {', '.join(map(str, sorted(used[method])))}")
+        return [f"--seed={seed}"] if seed != DEFAULT_SEED else []
 
     def stage(script, name, *a, after=("qlora",)):
         folder = os.path.join(out, name)
@@ -174,7 +187,8 @@ def plan(args, scale, selected=None):
 
     qlora = os.path.join(out, "qlora")
     stage("qlora.py", "qlora", f"--model_name={args.model_name}", *flags(scale["qlora"]), after=())
-    stage("spul.py", "spul", f"--model_checkpoints={qlora}", *flags(stage_settings(scale, "spul", selected)))
+    stage("spul.py", "spul", f"--model_checkpoints={qlora}", *flags(stage_settings(scale, "spul", selected)),
+          *seed_flags("spul"))
     if "retrained" not in skip:
         stage("qlora.py", "retrained", f"--model_name={args.model_name}", "--train_on=retain", *flags(scale["qlora"]), after=())
     if "eco" not in skip:
@@ -189,16 +203,18 @@ def plan(args, scale, selected=None):
     if "baselines" not in skip:
         for m in filter(None, args.methods.split(",")):
             stage("baselines.py", m, f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
-                  *flags(stage_settings(scale, m, selected)))
-    # more seeds of chosen methods (the default seed's run is the one above); tables report mean ± sd over them
-    for seed in [s for s in filter(None, str(args.seeds).split(",")) if int(s) != 42]:
+                  *flags(stage_settings(scale, m, selected)), *seed_flags(m))
+    # more seeds of chosen methods (the table's own seed's run is the one above); tables report mean ± sd over them
+    for seed in map(int, filter(None, str(args.seeds).split(","))):
         for m in filter(None, args.seed_methods.split(",")):
+            if seed == fresh_seed(used.get(m, ())):
+                continue
             if m == "spul":
                 stage("spul.py", f"spul-seed{seed}", f"--model_checkpoints={qlora}", f"--seed={seed}",
-                      *flags(stage_settings(scale, "spul", selected)))
+                      *flags(stage_settings(scale, "spul", selected)), *seed_flags(m, seed))
             else:
                 stage("baselines.py", f"{m}-seed{seed}", f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
-                      f"--seed={seed}", *flags(stage_settings(scale, m, selected)))
+                      f"--seed={seed}", *flags(stage_settings(scale, m, selected)), *seed_flags(m, seed))
     # training jobs first in list order, each evaluation as soon as its model exists
     return jobs + evals
 
@@ -229,7 +245,7 @@ def record_selection(args, jobs, path):
     for job in jobs:
         if job.name.startswith("select "):
             sel = read_json(job.output)
-            methods[sel["method"]] = {k: sel[k] for k in ("chosen", "qualified", "parent", "grid", "rule")}
+            methods[sel["method"]] = {k: sel[k] for k in ("chosen", "qualified", "parent", "grid", "rule", "seeds")}
             methods[sel["method"]]["candidates"] = [{k: c[k] for k in ("settings", "forget_val", "retain_val",
                                                                        "n_forget_val", "n_retain_val")}
                                                     for c in sel["candidates"]]
@@ -262,6 +278,17 @@ def read_selected(args, path, explicit):
         print(f"{path} was selected for {data.get('model')} on {data.get('dataset')}: using the scale's own settings")
         return {}
     return {m: load_selection(path, m, args.model_name, dataset) for m in data.get("methods", {})}
+
+
+def selection_seeds_here(args, path, selected):
+    """{method: the training seeds its selection's runs used}, for a selection made on this scale's rows (a file
+    naming another scale selected on other rows: {})."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from select_settings import selection_seeds
+
+    if not selected or (read_json(path) or {}).get("scale", args.scale) != args.scale:
+        return {}
+    return {m: selection_seeds(path, m) for m in selected}
 
 
 def run_jobs(jobs, n_jobs, log_dir, threads):
@@ -334,7 +361,9 @@ def main():
                    help="demo: the sizes of README's table (the default; mcqa for --task mcqa); large: the two-hour CPU "
                         "table of docs/cpu_scale_table.md; smoke: a one-minute check that every stage runs")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="stages run side by side")
-    p.add_argument("--seeds", default="42", help="training seeds of --seed_methods (42 is every stage's own seed)")
+    p.add_argument("--seeds", default="",
+                   help="more training seeds of --seed_methods (each stage's own seed is 42, or where the selection's "
+                        "runs on these rows used 42 (the demo scale), 1: the table reports fresh runs)")
     p.add_argument("--seed_methods", default="spul", help="methods repeated with every seed of --seeds")
     add_bool(p, "--select", help="instead of the demo: choose every method's settings on validation rows "
                                  "(scripts/select_settings.py over the scale's grids) and record them in --selection")
@@ -372,7 +401,8 @@ def main():
     if args.select:
         jobs = plan_selection(args, scale_of(args))
     else:
-        jobs = plan(args, scale_of(args), read_selected(args, args.selection, explicit))
+        selected = read_selected(args, args.selection, explicit)
+        jobs = plan(args, scale_of(args), selected, selection_seeds_here(args, args.selection, selected))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(jobs)} stages, {args.jobs} at a time, {threads} thread(s) each; logs in {os.path.join(args.out, 'logs')}",
           flush=True)

@@ -16,6 +16,10 @@ the earlier grid point). When no setting stays within the tolerance, the one wit
 accuracy is chosen and the JSON says so. Test splits are never read: only the two training splits are loaded,
 here and in the stages it runs. Writes OUTPUT_PATH/selection.json (grid, scores, the chosen setting); each run
 stays in OUTPUT_PATH/<setting>; a second call reuses finished runs of the same settings and redoes the others.
+
+The chosen setting's score is biased towards forgetting (it is the lowest of several on the same rows): a table
+reports fresh runs of it, never these. selection.json records the training seeds of its runs ("seeds"); the demo
+and the recipes (SELECTION=...) train their stages with a seed the selection did not use (fresh_seed).
 """
 import itertools
 import os
@@ -34,6 +38,7 @@ GRID_KEYS = {"spul": COMMON + ("alpha", "beta", "ptuning_num_tokens"),
              "llmu": COMMON + ("llmu_ga_weight", "llmu_rl_weight", "llmu_kl_weight"),
              "npo": COMMON + ("npo_beta",), "npo_rt": COMMON + ("npo_beta", "npo_retain_weight")}
 TRAIN_SPLITS = ("train_retain", "train_forget")
+DEFAULT_SEED = 42  # the stages' --seed default: what a selection recorded without its seeds trained with
 
 
 def parse_args(argv=None):
@@ -108,13 +113,30 @@ def validation_rows(parent, run, data_args, max_rows, seed):
     data = load_splits(splits=TRAIN_SPLITS, **data_args)
     mine = select_training_rows(data, run["forget_size"], run.get("max_forget"), run.get("max_retain"), run["data_seed"])
     theirs = select_training_rows(data, 1.0, parent.get("max_forget"), parent.get("max_retain"), parent["data_seed"])
-    seen = {id(r) for r in mine["train_retain"]}
-    held_out = [r for r in theirs["train_retain"] if id(r) not in seen]
+    held_out = held_out_rows(theirs["train_retain"], mine["train_retain"] + mine["train_forget"])
     if not held_out:
-        raise UserError(f"no retain rows are held out for validation: the runs train on all {len(seen)} retain rows "
-                        f"their parent trained on; give them a smaller --max_retain (after --)")
+        raise UserError(f"no retain rows are held out for validation: the runs train on all {len(mine['train_retain'])} "
+                        f"retain rows their parent trained on; give them a smaller --max_retain (after --)")
     encoding = {"label_words": data.label_words, "task": data.task}
     return sample_rows(mine["train_forget"], max_rows, seed), sample_rows(held_out, max_rows, seed), encoding
+
+
+def text_key(row):
+    """What the model reads of a row (every field but its label), hashable."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(row.items()) if k != "label")
+
+
+def held_out_rows(rows, trained):
+    """The rows whose text is in no row of `trained`: a split may hold one text twice (SST-2's train_retain: 182
+    times), and a copy of a trained text is no held-out row."""
+    seen = {text_key(r) for r in trained}
+    return [r for r in rows if text_key(r) not in seen]
+
+
+def fresh_seed(used, default=DEFAULT_SEED):
+    """A training seed no selection run used: `default`, else the smallest positive one free."""
+    used = set(used)
+    return default if default not in used else next(s for s in itertools.count(1) if s not in used)
 
 
 def accuracy(folder, rows, encoding, batch_size):
@@ -160,7 +182,8 @@ def main():
         if not scored:  # the parent model on the same retain rows: what "within the tolerance" is measured from
             reference = accuracy(args.model_checkpoints, retain, encoding, args.eval_batch_size)
             reference_forget = accuracy(args.model_checkpoints, forget, encoding, args.eval_batch_size)
-        scored.append({"settings": point, "run": out, "forget_val": accuracy(out, forget, encoding, args.eval_batch_size),
+        scored.append({"settings": point, "run": out, "seed": run.get("seed", DEFAULT_SEED),
+                       "forget_val": accuracy(out, forget, encoding, args.eval_batch_size),
                        "retain_val": accuracy(out, retain, encoding, args.eval_batch_size),
                        "n_forget_val": len(forget), "n_retain_val": len(retain)})
         print(f"  forget validation {scored[-1]['forget_val']:.3f}, retain validation {scored[-1]['retain_val']:.3f} "
@@ -174,6 +197,7 @@ def main():
                 f"parent's minus {args.retain_tolerance}; ties to the smaller learning rate, then the earlier grid point",
         "parent": {"retain_val": reference, "forget_val": reference_forget},
         "candidates": scored, "chosen": scored[best]["settings"], "chosen_run": scored[best]["run"],
+        "seeds": sorted({c["seed"] for c in scored}),  # the training seeds: a table's runs take another
         "qualified": qualified, "command": " ".join(["python", "scripts/select_settings.py", *sys.argv[1:]]),
     }
     save_json(os.path.join(args.output_path, "selection.json"), result)
@@ -191,6 +215,24 @@ def _namespace(run):
 def load_selection(path, method, model=None, dataset=None):
     """The chosen settings of `method` in a selection.json (or a file of several, {"methods": {method: ...}}),
     checked to come from the same base model and dataset."""
+    return _selection_entry(path, method, model, dataset)["chosen"]
+
+
+def selection_seeds(path, method):
+    """The training seeds of the runs `method`'s settings were selected on (a file that does not record them was
+    made before seeds were recorded: its runs trained with the stages' default seed)."""
+    return list(_selection_entry(path, method).get("seeds") or [DEFAULT_SEED])
+
+
+def stage_flags(path, method, model=None, dataset=None):
+    """The flags of a table's `method` stage that takes the selection: the chosen settings, and a seed the selection's
+    runs did not use (a stage of the selection's settings and seed on its rows would be one of the runs that won)."""
+    seed = fresh_seed(selection_seeds(path, method))
+    chosen = load_selection(path, method, model, dataset)
+    return [f"--{k}={v}" for k, v in chosen.items()] + ([f"--seed={seed}"] if seed != DEFAULT_SEED else [])
+
+
+def _selection_entry(path, method, model=None, dataset=None):
     from utils.runs import read_json
 
     data = read_json(path)
@@ -203,7 +245,7 @@ def load_selection(path, method, model=None, dataset=None):
         have = entry.get(key, data.get(key))
         if want is not None and have is not None and os.path.basename(str(have)) != os.path.basename(str(want)):
             raise UserError(f"{path} was selected on {key} {have}, not {want}: select again for this {key}")
-    return entry["chosen"]
+    return entry
 
 
 if __name__ == "__main__":

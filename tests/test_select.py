@@ -11,7 +11,9 @@ import pytest
 from conftest import ROOT, one_line_error, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import demo  # noqa: E402
 import select_settings  # noqa: E402
+from utils.cli import UserError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,6 +71,7 @@ def test_selection_runs_without_any_test_file_and_records_its_choice(train_only)
     assert all(c["n_retain_val"] == 6 and c["n_forget_val"] == 6 for c in sel["candidates"])  # 8 held-out rows, capped
     assert sel["chosen"] in [c["settings"] for c in sel["candidates"]]
     assert sel["model"] and sel["dataset"] == "sst2" and "retain_val" in sel["parent"]
+    assert sel["seeds"] == [42]  # the training seed of its runs: a table's runs of the choice take another
     # a second call reuses the finished runs
     again = run_script("scripts/select_settings.py", "--model_checkpoints", train_only / "qlora", "--method",
                        "gradient_ascent", "--grid", "lr=1e-5,1e-3", "--max_eval_rows", 6, "--output_path", out, "--",
@@ -132,7 +135,79 @@ def test_the_demo_and_the_recipes_take_the_recorded_choice(tmp_path):
     cmd = f'source scripts/common.sh >/dev/null 2>&1; SELECTION={path} MODEL=m DATASET=sst2; selected npo'
     out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "EVAL_EXTRA": "--max_eval_rows=1"})
-    assert out.stdout.strip() == "--lr=3e-05", out.stderr
+    # a selection that records no seed ran at the stages' default 42: the recipe's stage trains with another
+    assert out.stdout.strip() == "--lr=3e-05 --seed=1", out.stderr
+
+
+def _table_args(tmp_path, seeds=""):
+    import argparse
+
+    return argparse.Namespace(output_path=str(tmp_path), data_dir=None, model_name="smollm2-135m", skip="",
+                              methods=demo.DEMO_METHODS, seeds=seeds, seed_methods="spul", selection="sel.json")
+
+
+def _seed(job_args):
+    return int(next((a.split("=")[1] for a in job_args if a.startswith("--seed=")), select_settings.DEFAULT_SEED))
+
+
+def test_the_table_reports_fresh_runs_never_the_selections_own(tmp_path):
+    """The demo's table runs train the chosen settings with a seed the selection's runs (on the same rows) did not
+    use; asking for one of the selection's seeds is a one-line error. The recorded demo selection ran at seed 42."""
+    recorded = json.load(open(demo.SELECTED))
+    selected = {m: e["chosen"] for m, e in recorded["methods"].items()}
+    args = _table_args(tmp_path)
+    args.scale, args.selection = recorded["scale"], demo.SELECTED
+    used = demo.selection_seeds_here(args, demo.SELECTED, selected)
+    assert set(used) == set(selected) and all(used[m] == [42] for m in used)
+    jobs = {j.name: j.args for j in demo.plan(args, demo.SCALES["demo"], selected, used)}
+    for m in ["spul", *demo.DEMO_METHODS.split(",")]:
+        assert _seed(jobs[m]) not in used[m], m
+    assert {"spul", "gradient_ascent"} <= set(jobs) and _seed(jobs["spul"]) == 1
+    # another scale selects nothing on its rows: its own seed stays 42
+    args.scale = "large"
+    assert demo.selection_seeds_here(args, demo.SELECTED, selected) == {}
+    # a seed of the selection's runs, asked for with --seeds: refused
+    with pytest.raises(UserError, match="selected on its runs of seed 42"):
+        demo.plan(_table_args(tmp_path, seeds="42,2"), demo.SCALES["demo"], selected, used)
+    jobs = {j.name: j.args for j in demo.plan(_table_args(tmp_path, seeds="1,2"), demo.SCALES["demo"], selected, used)}
+    assert _seed(jobs["spul"]) == 1 and _seed(jobs["spul-seed2"]) == 2 and "spul-seed1" not in jobs
+
+
+def test_fresh_seeds_and_the_recorded_seeds(tmp_path):
+    assert select_settings.fresh_seed([]) == 42 and select_settings.fresh_seed([42]) == 1
+    assert select_settings.fresh_seed([42, 1, 2]) == 3 and select_settings.fresh_seed([7]) == 42
+    path = tmp_path / "sel.json"
+    path.write_text(json.dumps({"model": "m", "dataset": "sst2", "methods": {
+        "npo": {"chosen": {"lr": 3e-5}, "seeds": [7]}, "spul": {"chosen": {"alpha": 1.0}}}}))
+    assert select_settings.selection_seeds(str(path), "npo") == [7]
+    assert select_settings.selection_seeds(str(path), "spul") == [42]  # recorded before seeds were: the default
+    assert select_settings.stage_flags(str(path), "npo") == ["--lr=3e-05"]  # 42 was not a selection seed
+    assert select_settings.stage_flags(str(path), "spul") == ["--alpha=1.0", "--seed=1"]
+
+
+def test_a_duplicated_text_is_no_held_out_row(tmp_path):
+    """The retain hold-out is decided by text, not by row: a held-out row whose text the run trained on (a duplicate
+    within train_retain, or a forget row's text) is left out of retain validation."""
+    import pandas as pd
+
+    from utils.data import sample_rows
+
+    texts = [f"retain text number {i} ." for i in range(12)]
+    trained = {r["i"] for r in sample_rows([{"i": i} for i in range(12)], 6, 42)}
+    held = sorted(set(range(12)) - trained)
+    first = min(trained)
+    texts[held[0]] = texts[first]  # a copy of a trained retain text among the held-out rows
+    texts[held[1]] = "a forget text ."  # a forget row's text among the held-out rows
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame({"text": texts, "label": [i % 2 for i in range(12)]}).to_csv(data / "train_retain.csv", index=False)
+    pd.DataFrame({"text": ["a forget text .", "another forget text ."], "label": [0, 1]}).to_csv(
+        data / "train_forget.csv", index=False)
+    parent = {"data_seed": 42}
+    run = {"data_seed": 42, "max_retain": 6, "forget_size": 1.0}
+    forget, retain, _ = select_settings.validation_rows(parent, run, dict(data_dir=str(data)), None, 0)
+    assert len(forget) == 2
+    assert [r["text"] for r in retain] == [texts[i] for i in held[2:]]  # every held-out row but the two copies
 
 
 def test_the_recorded_selection_covers_every_method_the_demo_and_the_larger_table_run():
