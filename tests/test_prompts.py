@@ -257,6 +257,25 @@ def test_the_llama2_style_tokenizer_gives_pieces_a_dummy_prefix(llama2_style_tok
     have; the encoder's cue (which ECO's prompt mask looks for) is the one in context."""
     from utils.prompts import cue_ids
 
+    from utils.eco import prompt_mask
+
     tok = llama2_style_tokenizer
     alone = tok(QUESTION, add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(alone)[0] == "▁" and alone[1:] == cue_ids(tok) == PromptEncoder(tok, 256).cue_ids
+    enc = PromptEncoder(tok, 256)
+    item = enc.encode("a gripping story .", "positive")
+    ids = torch.tensor([item["input_ids"]])
+    assert prompt_mask(ids, torch.ones_like(ids), cue_ids(tok)).sum() == len(enc.prompt_ids("a gripping story ."))
+
+
+def test_a_piece_a_token_would_straddle_is_tokenised_alone(tokenizer):
+    """Byte-level BPE joins a text's trailing space with the newlines after it: no split of the whole text's ids
+    gives the piece, which then keeps its own ids (the cue stays the one ECO looks for)."""
+    from utils.prompts import piece_ids
+
+    cue = "\n\n### Choices:"
+    pre = tokenizer("a story . ", add_special_tokens=False)["input_ids"]
+    assert tokenizer("a story . " + cue, add_special_tokens=False)["input_ids"][: len(pre)] != pre  # it straddles
+    assert piece_ids(tokenizer, "a story . ", cue) == tokenizer(cue, add_special_tokens=False)["input_ids"]
+    whole = tokenizer("a story ." + cue, add_special_tokens=False)["input_ids"]
+    assert piece_ids(tokenizer, "a story .", cue) == whole[len(tokenizer("a story .", add_special_tokens=False)["input_ids"]):]
