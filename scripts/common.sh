@@ -57,9 +57,9 @@ qlora() {
 selected() {
   [ -n "$SELECTION" ] || return 0
   python -c "import sys; sys.path[:0] = ['.', 'scripts']
-from select_settings import stage_flags
+from select_settings import table_flags
 from utils.cli import run_main
-run_main(lambda: print(' '.join(stage_flags(*sys.argv[1:]))))" \
+run_main(lambda: print(' '.join(table_flags(*sys.argv[1:]))))" \
     "$SELECTION" "$1" "$MODEL" "$DATASET"
 }
 

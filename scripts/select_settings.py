@@ -224,7 +224,7 @@ def selection_seeds(path, method):
     return list(_selection_entry(path, method).get("seeds") or [DEFAULT_SEED])
 
 
-def stage_flags(path, method, model=None, dataset=None):
+def table_flags(path, method, model=None, dataset=None):
     """The flags of a table's `method` stage that takes the selection: the chosen settings, and a seed the selection's
     runs did not use (a stage of the selection's settings and seed on its rows would be one of the runs that won)."""
     seed = fresh_seed(selection_seeds(path, method))

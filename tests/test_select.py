@@ -181,8 +181,8 @@ def test_fresh_seeds_and_the_recorded_seeds(tmp_path):
         "npo": {"chosen": {"lr": 3e-5}, "seeds": [7]}, "spul": {"chosen": {"alpha": 1.0}}}}))
     assert select_settings.selection_seeds(str(path), "npo") == [7]
     assert select_settings.selection_seeds(str(path), "spul") == [42]  # recorded before seeds were: the default
-    assert select_settings.stage_flags(str(path), "npo") == ["--lr=3e-05"]  # 42 was not a selection seed
-    assert select_settings.stage_flags(str(path), "spul") == ["--alpha=1.0", "--seed=1"]
+    assert select_settings.table_flags(str(path), "npo") == ["--lr=3e-05"]  # 42 was not a selection seed
+    assert select_settings.table_flags(str(path), "spul") == ["--alpha=1.0", "--seed=1"]
 
 
 def test_a_duplicated_text_is_no_held_out_row(tmp_path):
