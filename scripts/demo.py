@@ -362,8 +362,8 @@ def main():
                         "table of docs/cpu_scale_table.md; smoke: a one-minute check that every stage runs")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="stages run side by side")
     p.add_argument("--seeds", default="",
-                   help="more training seeds of --seed_methods (each stage's own seed is 42, or where the selection's "
-                        "runs on these rows used 42 (the demo scale), 1: the table reports fresh runs)")
+                   help="more training seeds of --seed_methods; each stage's own seed is 42, or 1 where its selection "
+                        "trained on these rows with 42 (the demo scale), so that the table reports fresh runs")
     p.add_argument("--seed_methods", default="spul", help="methods repeated with every seed of --seeds")
     add_bool(p, "--select", help="instead of the demo: choose every method's settings on validation rows "
                                  "(scripts/select_settings.py over the scale's grids) and record them in --selection")
