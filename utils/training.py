@@ -91,7 +91,21 @@ def training_arguments(args, output_dir, **overrides):
         dataloader_num_workers=0,
     )
     kw.update(overrides)
-    return TrainingArguments(**kw)
+    return one_gpu_unless_launched(TrainingArguments(**kw))
+
+
+def one_gpu_unless_launched(targs):
+    """A process not started by `accelerate launch` / `torchrun` trains on one GPU, never through nn.DataParallel
+    (which the Trainer picks when it sees several GPUs in one process: the batch silently becomes per-device ×
+    GPUs, and our wrappers hide the 4-bit flag its guard against quantized models reads). n_gpu = 1 is what the
+    Trainer itself sets for a model-parallel model; the device stays the first visible GPU."""
+    if targs.n_gpu > 1:
+        if targs.process_index == 0:
+            print(f"using 1 of the {targs.n_gpu} GPUs here ({targs.device}): this process was not started by "
+                  f"`accelerate launch` or `torchrun`, which train on all of them (or choose with CUDA_VISIBLE_DEVICES)",
+                  flush=True)
+        targs._n_gpu = 1
+    return targs
 
 
 def enable_gradient_checkpointing(args, lm):
@@ -120,6 +134,12 @@ def load_trainable(model, path):
             params[n].copy_(t.to(params[n].device, params[n].dtype))
 
 
+def trainer_reads_ga_scaling():
+    """Whether this transformers' Trainer honours `loss_is_scaled_for_ga` (5.19 on); before, its training_step
+    divides a loss computed without num_items_in_batch by `current_gradient_accumulation_steps`."""
+    return hasattr(Trainer, "loss_is_scaled_for_ga")
+
+
 class _CrashAfterSave(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -136,7 +156,10 @@ class TailLossTrainer(Trainer):
     over the logging window). A loss that turns NaN or infinite stops training with NonFiniteLoss.
     """
 
-    loss_is_scaled_for_ga = True  # each term is already divided by its rows in the whole optimiser step
+    # Each term is already divided by its rows in the whole optimiser step: the Trainer must not divide the loss
+    # by the micro-batches of the window. transformers >= 5.19 reads this attribute; earlier 5.x always divide
+    # (our get_batch_samples gives no num_items_in_batch), which compute_loss then undoes.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *a, objective, reference=None, weights=None, **kw):
         super().__init__(*a, **kw)
@@ -173,6 +196,8 @@ class TailLossTrainer(Trainer):
         if counts is not None:
             # DDP and DeepSpeed average the processes' gradients; the step's objective is their sum
             loss = loss * self.accelerator.num_processes
+            if not trainer_reads_ga_scaling():
+                loss = loss * self.current_gradient_accumulation_steps
         return (loss, logits) if return_outputs else loss
 
     def log(self, logs, *a, **kw):
