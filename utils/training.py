@@ -16,13 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .cli import UserError
 from .methods import ROLE_NAMES, LossContext
 from .modeling import tail_logits
-
-TRAINABLE_FILE = "trainable.safetensors"
+from .runs import TRAINABLE_FILE
 # Tests only: raise right after the checkpoint of this optimiser step is saved, as a crash would.
 CRASH_AFTER_STEP = "SPUL_TEST_CRASH_AFTER_STEP"
 
@@ -232,9 +230,11 @@ def train(trainer, resume=False):
     """trainer.train() (from the run's last checkpoint with `resume`), with the training log and the reference
     cache kept even when the run stops early."""
     try:
-        last = get_last_checkpoint(trainer.args.output_dir) if resume and os.path.isdir(trainer.args.output_dir) else None
-        if last and trainer.is_world_process_zero():
-            print(f"resuming from {last}", flush=True)
+        from .runs import resume_point
+
+        last, line = resume_point(trainer.args.output_dir) if resume else (None, None)
+        if line and trainer.is_world_process_zero():
+            print(line, flush=True)
         trainer.train(resume_from_checkpoint=last)
         if trainer.args.world_size > 1:  # one line per process: shows that every rank trained
             print(f"[rank {trainer.args.process_index}/{trainer.args.world_size}] trained "
