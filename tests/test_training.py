@@ -1,10 +1,13 @@
-"""The order in which training rows reach the model (utils.training.training_arguments)."""
+"""What utils.training.training_arguments and the Trainer make of the flags: the order in which training rows reach
+the model, one GPU per process, the transformers versions accepted, and one objective however a step is split."""
 import argparse
+import os
 
 import pytest
 import torch
 from transformers import Trainer
 
+from conftest import ROOT
 from utils.cli import add_training_args
 from utils.methods import FORGET, RETAIN
 from utils.prompts import IGNORE, LeftPadCollator
@@ -106,7 +109,7 @@ def _first_step(lm_path, out, batch, accumulation):
 @pytest.mark.parametrize("reads_attribute", [True, False], ids=["trainer_reads_ga_scaling", "older_trainer"])
 def test_accumulation_trains_the_objective_of_one_batch(reads_attribute, monkeypatch, tiny_llama, tmp_path):
     """6 rows as one batch or as 2 rows × 3 accumulation steps: the same step-1 loss and gradient norm, on a
-    Trainer that reads `loss_is_scaled_for_ga` and on one that does not (transformers 5.12-5.18, which divide
+    Trainer that reads `loss_is_scaled_for_ga` and on one that does not (transformers 5.6-5.18, which divide
     the loss by the micro-batches of the window; simulated by taking the attribute away)."""
     from utils.training import TailLossTrainer, trainer_reads_ga_scaling
 
@@ -119,3 +122,20 @@ def test_accumulation_trains_the_objective_of_one_batch(reads_attribute, monkeyp
     for k in ("loss", "forget_ga", "retain_ce", "grad_norm"):
         assert accumulated[k] == pytest.approx(one[k], rel=1e-5, abs=1e-5 * scale), (k, accumulated[k], one[k])
     assert scale > 1 and one["grad_norm"] > 1e-3
+
+
+def test_an_older_transformers_is_refused_at_the_start(monkeypatch, tmp_path):
+    """transformers 5.2-5.5 train 2 rows × 3 accumulation steps with a third of the gradient of 6 rows (checked with
+    those versions installed); 5.0-5.1 have no train_sampling_strategy: the run stops before it starts, in one line."""
+    import transformers
+
+    from utils.cli import UserError
+    from utils.training import MIN_TRANSFORMERS
+
+    p = argparse.ArgumentParser()
+    add_training_args(p, lr=1e-3, epochs=1, warmup=0.0)
+    monkeypatch.setattr(transformers, "__version__", "5.5.4")
+    with pytest.raises(UserError, match=f"transformers>={MIN_TRANSFORMERS}"):
+        training_arguments(p.parse_args([]), str(tmp_path))
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        assert f"transformers>={MIN_TRANSFORMERS}," in f.read()

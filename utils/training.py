@@ -55,7 +55,24 @@ class TailLM(nn.Module):
         return tail_logits(self.lm, input_ids, attention_mask, keep)
 
 
+# The first transformers whose Trainer this module trains right with (requirements.txt, README "Several GPUs"):
+# before 5.2 TrainingArguments has no train_sampling_strategy; before 5.6 accelerate divides every loss by the
+# accumulation steps once more (the gradient of 2 rows × 3 steps is a third of that of 6 rows).
+MIN_TRANSFORMERS = "5.6.0"
+
+
+def check_transformers(version=None):
+    from packaging.version import Version
+    import transformers
+
+    version = version or transformers.__version__
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        raise UserError(f"transformers {version} trains a different objective with gradient accumulation; this toolkit "
+                        f"needs transformers>={MIN_TRANSFORMERS} (pip install -r requirements.txt)")
+
+
 def training_arguments(args, output_dir, **overrides):
+    check_transformers()
     cuda = torch.cuda.is_available()
     prec = args.precision
     bf16 = prec == "bf16" or (prec == "auto" and cuda and torch.cuda.is_bf16_supported())
