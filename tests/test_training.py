@@ -125,8 +125,9 @@ def test_accumulation_trains_the_objective_of_one_batch(reads_attribute, monkeyp
 
 
 def test_an_older_transformers_is_refused_at_the_start(monkeypatch, tmp_path):
-    """transformers 5.2-5.5 train 2 rows × 3 accumulation steps with a third of the gradient of 6 rows (checked with
-    those versions installed); 5.0-5.1 have no train_sampling_strategy: the run stops before it starts, in one line."""
+    """transformers 5.2-5.5 train 2 rows × 3 accumulation steps with a third of the gradient of 6 rows (the test above
+    fails so on 5.2.0: their accelerator divides the loss by the steps too); 5.0-5.1 have no train_sampling_strategy:
+    the run stops before it starts, in one line."""
     import transformers
 
     from utils.cli import UserError
