@@ -120,7 +120,7 @@ def resume_point(path):
     line = f"resuming from {last}" if last else "no complete checkpoint: starting from the first step"
     if skipped:
         names = ", ".join(os.path.basename(c) for c in skipped)
-        line += f" (passing over {names}: incomplete, its writing was interrupted)"
+        line += f" (passing over {names}: incomplete, a crash cut its writing short)"
     return last, line
 
 

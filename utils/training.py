@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .cli import UserError
 from .methods import ROLE_NAMES, LossContext
 from .modeling import tail_logits
-from .runs import TRAINABLE_FILE
+from .runs import TRAINABLE_FILE, resume_point
 # Tests only: raise right after the checkpoint of this optimiser step is saved, as a crash would.
 CRASH_AFTER_STEP = "SPUL_TEST_CRASH_AFTER_STEP"
 
@@ -62,8 +62,8 @@ MIN_TRANSFORMERS = "5.6.0"
 
 
 def check_transformers(version=None):
-    from packaging.version import Version
     import transformers
+    from packaging.version import Version
 
     version = version or transformers.__version__
     if Version(version) < Version(MIN_TRANSFORMERS):
@@ -247,8 +247,6 @@ def train(trainer, resume=False):
     """trainer.train() (from the run's last checkpoint with `resume`), with the training log and the reference
     cache kept even when the run stops early."""
     try:
-        from .runs import resume_point
-
         last, line = resume_point(trainer.args.output_dir) if resume else (None, None)
         if line and trainer.is_world_process_zero():
             print(line, flush=True)
