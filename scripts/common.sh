@@ -8,7 +8,7 @@ DATASET=${DATASET:-sst2}
 DATA_DIR=${DATA_DIR:-}                 # local split files instead of the hub dataset (named DATASET in the tables)
 TASK=${TASK:-}                        # sentiment or mcqa (default: the dataset's: mcqa for wmdp_bio)
 OUT=${OUT:-runs}
-LAUNCH=${LAUNCH:-python}              # "accelerate launch" (or torchrun) for several GPUs
+LAUNCH=${LAUNCH:-python}              # python trains on one GPU; "accelerate launch" (or torchrun) on several
 # Full fine-tuning baselines of a 7B model on one 40 GB GPU: ZERO_OFFLOAD=1 runs them under DeepSpeed ZeRO-2 with
 # the optimiser on the CPU (configs/zero2_offload.yaml; pip install deepspeed). BASELINE_LAUNCH overrides.
 if [ -n "${ZERO_OFFLOAD:-}" ]; then

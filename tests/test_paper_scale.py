@@ -110,6 +110,75 @@ def test_a_crashed_run_resumes_to_the_same_result(script, tiny_llama, tiny_qlora
     assert not [d for d in os.listdir(tmp_path / "run") if d.startswith("checkpoint-")]  # removed once finished
 
 
+def test_a_checkpoint_cut_short_is_passed_over(tiny_qlora, sst2_dir, tmp_path):
+    """A crash while checkpoint-4 was being written (its trainer_state.json, written last, cut short): --resume
+    names it, continues from checkpoint-2, and ends as the uninterrupted run does (before: a stack trace)."""
+    args = [*STAGES["spul.py"](None, tiny_qlora), "--data_dir", sst2_dir, *COMMON]
+    run_script("spul.py", *args, "--output_path", tmp_path / "whole")
+    run_script("spul.py", *args, "--output_path", tmp_path / "run", check=False, env={"SPUL_TEST_CRASH_AFTER_STEP": "4"})
+    state = tmp_path / "run" / "checkpoint-4" / "trainer_state.json"
+    state.write_text(state.read_text()[:100])
+    resumed = run_script("spul.py", *args, "--output_path", tmp_path / "run", "--resume")
+    line = next(x for x in resumed.stdout.splitlines() if x.startswith("resuming from"))
+    assert line.split()[2] == str(tmp_path / "run" / "checkpoint-2") and "passing over checkpoint-4" in line
+    (steps_run, losses_run), (steps_whole, losses_whole) = zip(*_losses(tmp_path / "run")), zip(*_losses(tmp_path / "whole"))
+    assert steps_run == steps_whole and losses_run == pytest.approx(losses_whole, rel=1e-6)
+
+
+def test_which_checkpoints_are_complete(tmp_path):
+    """Complete: the trainable weights and a trainer_state.json of its own step (the Trainer writes it last)."""
+    from utils.runs import is_complete, last_complete_checkpoint
+
+    def checkpoint(step, state=None, weights=True):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if weights:
+            (d / "trainable.safetensors").write_bytes(b"0")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+        return str(d)
+
+    good = checkpoint(2, json.dumps({"global_step": 2}))
+    assert is_complete(good)
+    assert not is_complete(checkpoint(3, json.dumps({"global_step": 3}), weights=False))
+    assert not is_complete(checkpoint(4, json.dumps({"global_step": 2})))  # another step's state
+    assert not is_complete(checkpoint(5, '{"global_st'))                  # cut short
+    assert not is_complete(checkpoint(6))                                 # not written yet
+    assert last_complete_checkpoint(str(tmp_path)) == (good, [str(tmp_path / f"checkpoint-{i}") for i in (3, 4, 5, 6)])
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(monkeypatch, tmp_path):
+    """arguments.json records the processes and the global batch; --resume of a 4-process run by 2 processes (a
+    global batch of 16 instead of 32) is refused naming both; the same number resumes, and a run written before the
+    processes were recorded resumes on one process."""
+    from utils.cli import UserError
+    from utils.runs import decide, save_arguments, settings_of
+
+    args = {"train_batch_size": 8, "gradient_accumulation_steps": 1, "lr": 1e-4, "seed": 1}
+    folder = tmp_path / "run"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "trainable.safetensors").write_bytes(b"0")
+    (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    info = save_arguments(str(folder), args, stage="spul")
+    assert info["settings"]["world_size"] == 4 and info["global_batch"] == 32
+    assert decide(str(folder), settings_of(args, "spul"), resume=True)[0] == "resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError) as e:
+        decide(str(folder), settings_of(args, "spul"), resume=True)
+    assert "processes: 4 → 2" in str(e.value) and "global batch 32 → 16" in str(e.value) and "\n" not in str(e.value)
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    old = json.loads((folder / "arguments.json").read_text())
+    del old["settings"]["world_size"]
+    (folder / "arguments.json").write_text(json.dumps(old))
+    assert decide(str(folder), settings_of(args, "spul"), resume=True)[0] == "resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="processes: 1 → 2"):
+        decide(str(folder), settings_of(args, "spul"), resume=True)
+
+
 def test_checkpoints_hold_only_the_trainable_weights(tiny_qlora, sst2_dir, tmp_path):
     """A SPUL checkpoint is the prompt encoder (kilobytes), not another copy of the frozen LLM."""
     out = tmp_path / "spul"

@@ -143,3 +143,33 @@ def test_a_finished_stage_is_rerun_when_its_settings_differ(tiny_llama, sst2_dir
     assert "replacing the finished run" in other.stdout and "max_steps: 1 → 2" in other.stdout
     with open(tmp_path / "q" / "arguments.json") as f:
         assert json.load(f)["max_steps"] == 2
+
+
+def multigpu_plan(**env):
+    e = {k: v for k, v in os.environ.items() if k not in ("NGPU", "CUDA_VISIBLE_DEVICES", "DEVICE_BATCH")}
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "table2_multigpu.sh")], cwd=ROOT, capture_output=True,
+                          text=True, env={**e, "PLAN_ONLY": "1", **env}, timeout=60)
+
+
+@pytest.mark.parametrize("env", [{"NGPU": n} for n in ("1", "2", "4", "8", "16", "32")]
+                         + [{"NGPU": "2", "DEVICE_BATCH": "6"}, {"NGPU": "1", "DEVICE_BATCH": "5"},
+                            {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}])
+def test_multigpu_recipe_keeps_the_global_batch_of_32(env):
+    """Per-device batch × GPUs × accumulation steps = 32 rows per optimiser step (before: 32 // NGPU per device, so
+    a global batch of 30 on 3, 5 or 6 GPUs), the micro-batch within DEVICE_BATCH."""
+    import re
+
+    proc = multigpu_plan(**env)
+    assert proc.returncode == 0, proc.stderr
+    batch, ngpu, accum = map(int, re.fullmatch(r"global batch 32 = (\d+) rows per GPU × (\d+) GPUs × (\d+) accumulation "
+                                                r"steps\n", proc.stdout).groups())
+    assert batch * ngpu * accum == 32 and ngpu == int(env.get("NGPU", 4))
+    assert batch <= int(env.get("DEVICE_BATCH", 32))
+
+
+@pytest.mark.parametrize("ngpu,fit", [("3", 2), ("5", 4), ("6", 4), ("7", 4), ("33", 32), ("0", None)])
+def test_multigpu_recipe_refuses_a_gpu_count_that_cannot_give_32(ngpu, fit):
+    proc = multigpu_plan(NGPU=ngpu)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ")
+    assert (f"NGPU={fit}" if fit else "no GPU") in proc.stderr

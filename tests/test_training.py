@@ -1,10 +1,13 @@
-"""The order in which training rows reach the model (utils.training.training_arguments)."""
+"""What utils.training.training_arguments and the Trainer make of the flags: the order in which training rows reach
+the model, one GPU per process, the transformers versions accepted, and one objective however a step is split."""
 import argparse
+import os
 
 import pytest
 import torch
 from transformers import Trainer
 
+from conftest import ROOT
 from utils.cli import add_training_args
 from utils.methods import FORGET, RETAIN
 from utils.prompts import IGNORE, LeftPadCollator
@@ -47,3 +50,93 @@ def test_group_by_length_gives_one_role_batches(tmp_path):
     grouped, default = batches(tmp_path, "--group_by_length"), batches(tmp_path)
     assert mixed_share(grouped) <= 0.5 < mixed_share(default)
     assert sum(b["input_ids"].shape[1] for b in grouped) < sum(b["input_ids"].shape[1] for b in default)
+
+
+def _cuda_box(monkeypatch, n):
+    """A machine with n GPUs as the Trainer sees it (nothing placed on them: the arguments only)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a, **k: None)
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_plain_python_launch_trains_on_one_gpu_and_says_so(monkeypatch, tmp_path, capsys):
+    """Four GPUs, no launcher: the Trainer would wrap the model in nn.DataParallel (n_gpu 4, a batch of 4 × 8);
+    it gets one GPU, the per-device batch is the batch, and one line says how to use them all."""
+    from transformers.training_args import ParallelMode
+
+    _cuda_box(monkeypatch, 4)
+    p = argparse.ArgumentParser()
+    add_training_args(p, lr=1e-3, epochs=1, warmup=0.0, batch=8)
+    targs = training_arguments(p.parse_args(["--quiet"]), str(tmp_path))
+    assert targs.n_gpu == 1 and targs.train_batch_size == 8
+    assert targs.parallel_mode == ParallelMode.NOT_PARALLEL and targs.device == torch.device("cuda", 0)
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "1 of the 4 GPUs" in said[0]
+    assert "accelerate launch" in said[0] and "torchrun" in said[0] and "CUDA_VISIBLE_DEVICES" in said[0]
+    _cuda_box(monkeypatch, 1)  # one GPU: nothing to say
+    assert training_arguments(p.parse_args(["--quiet"]), str(tmp_path)).n_gpu == 1
+    assert capsys.readouterr().out == ""
+
+
+def _first_step(lm_path, out, batch, accumulation):
+    """One GA+GD optimiser step of 6 rows on the tiny Llama: its logged loss and gradient norm."""
+    from transformers import AutoModelForCausalLM
+
+    from utils.methods import METHODS
+    from utils.training import TailLM, TailLossTrainer
+
+    torch.manual_seed(0)
+    p = argparse.ArgumentParser()
+    add_training_args(p, lr=1e-3, epochs=1, warmup=0.0, batch=batch)
+    args = p.parse_args(["--quiet", "--max_steps", "1", "--logging_steps", "1",
+                         "--gradient_accumulation_steps", str(accumulation)])
+    items = [{"input_ids": [5 + i, 9, 11 + i], "labels": [IGNORE, IGNORE, 7 + i % 2], "role": FORGET if i < 2 else RETAIN}
+             for i in range(6)]
+    trainer = TailLossTrainer(model=TailLM(AutoModelForCausalLM.from_pretrained(lm_path)),
+                              args=training_arguments(args, str(out), save_strategy="no", data_seed=None,
+                                                      train_sampling_strategy="sequential"),
+                              train_dataset=items, data_collator=LeftPadCollator(0),
+                              objective=METHODS["gradient_ascent_descent"].objective)
+    trainer.train()
+    return next(e for e in trainer.state.log_history if "loss" in e)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("reads_attribute", [True, False], ids=["trainer_reads_ga_scaling", "older_trainer"])
+def test_accumulation_trains_the_objective_of_one_batch(reads_attribute, monkeypatch, tiny_llama, tmp_path):
+    """6 rows as one batch or as 2 rows × 3 accumulation steps: the same step-1 loss and gradient norm, on a
+    Trainer that reads `loss_is_scaled_for_ga` and on one that does not (transformers 5.6-5.18, which divide
+    the loss by the micro-batches of the window; simulated by taking the attribute away)."""
+    from utils.training import TailLossTrainer, trainer_reads_ga_scaling
+
+    if not reads_attribute:
+        monkeypatch.delattr(Trainer, "loss_is_scaled_for_ga", raising=False)
+        monkeypatch.setattr(TailLossTrainer, "loss_is_scaled_for_ga", None)  # None: the Trainer's own rule decides
+        assert not trainer_reads_ga_scaling()
+    one, accumulated = _first_step(tiny_llama, tmp_path / "one", 6, 1), _first_step(tiny_llama, tmp_path / "acc", 2, 3)
+    scale = abs(one["forget_ga"]) + abs(one["retain_ce"])  # the loss is their difference: compare on their scale
+    for k in ("loss", "forget_ga", "retain_ce", "grad_norm"):
+        assert accumulated[k] == pytest.approx(one[k], rel=1e-5, abs=1e-5 * scale), (k, accumulated[k], one[k])
+    assert scale > 1 and one["grad_norm"] > 1e-3
+
+
+def test_an_older_transformers_is_refused_at_the_start(monkeypatch, tmp_path):
+    """transformers 5.2-5.5 train 2 rows × 3 accumulation steps with a third of the gradient of 6 rows (the test above
+    fails so on 5.2.0: their accelerator divides the loss by the steps too); 5.0-5.1 have no train_sampling_strategy:
+    the run stops before it starts, in one line."""
+    import transformers
+
+    from utils.cli import UserError
+    from utils.training import MIN_TRANSFORMERS
+
+    p = argparse.ArgumentParser()
+    add_training_args(p, lr=1e-3, epochs=1, warmup=0.0)
+    monkeypatch.setattr(transformers, "__version__", "5.5.4")
+    with pytest.raises(UserError, match=f"transformers>={MIN_TRANSFORMERS}"):
+        training_arguments(p.parse_args([]), str(tmp_path))
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        assert f"transformers>={MIN_TRANSFORMERS}," in f.read()

@@ -22,6 +22,7 @@ from .data import resolve_task
 
 DONE = "arguments.json"  # written last-updated with "finished": true
 CHECKPOINT_PREFIX = "checkpoint-"
+TRAINABLE_FILE = "trainable.safetensors"  # a checkpoint's trainable weights (utils.training writes it)
 # Flags that change where or how visibly a run goes, not what it computes: two runs that differ only
 # here are the same run.
 RUN_ONLY = {"output_path", "overwrite", "resume", "quiet", "report_to", "logging_steps", "save_steps",
@@ -33,11 +34,26 @@ def settings_of(args, stage=None):
     d = {k: v for k, v in (vars(args) if not isinstance(args, dict) else args).items() if k not in RUN_ONLY}
     if stage:
         d["stage"] = stage
+        # with the per-device batch, the processes make the global batch and the steps per epoch
+        d["world_size"] = world_size()
     return json.loads(json.dumps(d, default=str))
 
 
+def world_size():
+    """The processes of this launch (torchrun / accelerate launch set WORLD_SIZE; a plain launch is one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def global_batch(settings):
+    """Rows per optimiser step: per-device batch × accumulation steps × processes (None for a stage that does not train)."""
+    if "train_batch_size" not in settings:
+        return None
+    return (settings["train_batch_size"] * (settings.get("gradient_accumulation_steps") or 1)
+            * settings.get("world_size", IMPLIED["world_size"]))
+
+
 # settings added after runs were written: what those runs had
-IMPLIED = {"task": "sentiment"}
+IMPLIED = {"task": "sentiment", "world_size": 1}
 
 
 def settings_diff(old, new):
@@ -48,6 +64,16 @@ def settings_diff(old, new):
         if a != new[k]:
             out.append(f"{k}: {a} → {new[k]}")
     return out
+
+
+def _processes_first(diff, old, new):
+    """A change of the number of processes changes the global batch: say so first, with both global batches."""
+    for i, d in enumerate(diff):
+        if d.startswith("world_size:"):
+            a, b = old.get("world_size", IMPLIED["world_size"]), new.get("world_size")
+            line = f"processes: {a} → {b}, so the global batch {global_batch(old)} → {global_batch(new)}"
+            return [line] + diff[:i] + diff[i + 1:]
+    return diff
 
 
 def _summary(diff, n=4):
@@ -70,6 +96,34 @@ def checkpoints(path):
     return [os.path.join(path, d) for d in sorted(found, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
 
 
+def is_complete(checkpoint):
+    """Whether the Trainer finished writing `checkpoint`: it writes the weights, the optimiser, scheduler and RNG
+    state, then trainer_state.json last; a crash in between leaves that file missing, cut short, or of another step."""
+    state = read_json(os.path.join(checkpoint, "trainer_state.json"))
+    step = int(os.path.basename(checkpoint)[len(CHECKPOINT_PREFIX):])
+    return (isinstance(state, dict) and state.get("global_step") == step
+            and os.path.isfile(os.path.join(checkpoint, TRAINABLE_FILE)))
+
+
+def last_complete_checkpoint(path):
+    """(the newest complete checkpoint or None, the incomplete ones newer than it)."""
+    ckpts = checkpoints(path)
+    skipped = []
+    while ckpts and not is_complete(ckpts[-1]):
+        skipped.insert(0, ckpts.pop())
+    return (ckpts[-1] if ckpts else None), skipped
+
+
+def resume_point(path):
+    """The checkpoint --resume continues from, and one line on what it is (incomplete ones passed over by name)."""
+    last, skipped = last_complete_checkpoint(path)
+    line = f"resuming from {last}" if last else "no complete checkpoint: starting from the first step"
+    if skipped:
+        names = ", ".join(os.path.basename(c) for c in skipped)
+        line += f" (passing over {names}: incomplete, a crash cut its writing short)"
+    return last, line
+
+
 def decide(path, settings, overwrite=False, resume=False):
     """What to do with `path` for a run of `settings`: ('new' | 'replace' | 'resume' | 'done', message).
     Raises UserError for every case the flags do not settle. Reads only: safe on every rank."""
@@ -80,7 +134,7 @@ def decide(path, settings, overwrite=False, resume=False):
         if os.path.isdir(path) and os.listdir(path):
             raise UserError(f"{path} holds files that no run of this toolkit wrote; choose another --output_path")
         return "new", None
-    diff = settings_diff(old.get("settings", old), settings)
+    diff = _processes_first(settings_diff(old.get("settings", old), settings), old.get("settings", old), settings)
     if old.get("finished"):
         if not diff and resume:
             return "done", f"{path} holds a finished run with these settings: nothing to do (--overwrite runs it again)"
@@ -95,7 +149,8 @@ def decide(path, settings, overwrite=False, resume=False):
     if not ckpts and not os.path.exists(os.path.join(path, "training_log.json")):
         # it stopped before its first step (a mistake found after the folder was made): nothing to lose
         return "replace", None
-    where = f" (last checkpoint: {os.path.basename(ckpts[-1])})" if ckpts else " (no checkpoint yet)"
+    last = last_complete_checkpoint(path)[0]
+    where = f" (last checkpoint: {os.path.basename(last)})" if last else " (no complete checkpoint yet)"
     if resume and not diff:
         return "resume", f"resuming the unfinished run in {path}{where}"
     if overwrite:
@@ -133,6 +188,8 @@ def save_arguments(path, args, finished=False, **extra):
     """Write arguments.json (only in the first process of a multi-process run)."""
     info = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     info["settings"] = settings_of(info, extra.get("stage"))  # what decides the result, before the derived fields
+    if global_batch(info["settings"]) is not None:
+        info["global_batch"] = global_batch(info["settings"])
     info.update(extra)
     info["finished"] = finished
     info["command"] = " ".join(sys.argv)

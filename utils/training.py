@@ -16,13 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .cli import UserError
 from .methods import ROLE_NAMES, LossContext
 from .modeling import tail_logits
-
-TRAINABLE_FILE = "trainable.safetensors"
+from .runs import TRAINABLE_FILE, resume_point
 # Tests only: raise right after the checkpoint of this optimiser step is saved, as a crash would.
 CRASH_AFTER_STEP = "SPUL_TEST_CRASH_AFTER_STEP"
 
@@ -57,7 +55,24 @@ class TailLM(nn.Module):
         return tail_logits(self.lm, input_ids, attention_mask, keep)
 
 
+# The first transformers whose Trainer this module trains right with (requirements.txt, README "Several GPUs"):
+# before 5.2 TrainingArguments has no train_sampling_strategy; before 5.6 accelerate divides every loss by the
+# accumulation steps once more (the gradient of 2 rows × 3 steps is a third of that of 6 rows).
+MIN_TRANSFORMERS = "5.6.0"
+
+
+def check_transformers(version=None):
+    import transformers
+    from packaging.version import Version
+
+    version = version or transformers.__version__
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        raise UserError(f"transformers {version} trains a different objective with gradient accumulation; this toolkit "
+                        f"needs transformers>={MIN_TRANSFORMERS} (pip install -r requirements.txt)")
+
+
 def training_arguments(args, output_dir, **overrides):
+    check_transformers()
     cuda = torch.cuda.is_available()
     prec = args.precision
     bf16 = prec == "bf16" or (prec == "auto" and cuda and torch.cuda.is_bf16_supported())
@@ -91,7 +106,21 @@ def training_arguments(args, output_dir, **overrides):
         dataloader_num_workers=0,
     )
     kw.update(overrides)
-    return TrainingArguments(**kw)
+    return one_gpu_unless_launched(TrainingArguments(**kw))
+
+
+def one_gpu_unless_launched(targs):
+    """A process not started by `accelerate launch` / `torchrun` trains on one GPU, never through nn.DataParallel
+    (which the Trainer picks when it sees several GPUs in one process: the batch silently becomes per-device ×
+    GPUs, and our wrappers hide the 4-bit flag its guard against quantized models reads). n_gpu = 1 is what the
+    Trainer itself sets for a model-parallel model; the device stays the first visible GPU."""
+    if targs.n_gpu > 1:
+        if targs.process_index == 0:
+            print(f"using 1 of the {targs.n_gpu} GPUs here ({targs.device}): this process was not started by "
+                  f"`accelerate launch` or `torchrun`, which train on all of them (or choose with CUDA_VISIBLE_DEVICES)",
+                  flush=True)
+        targs._n_gpu = 1
+    return targs
 
 
 def enable_gradient_checkpointing(args, lm):
@@ -120,6 +149,12 @@ def load_trainable(model, path):
             params[n].copy_(t.to(params[n].device, params[n].dtype))
 
 
+def trainer_reads_ga_scaling():
+    """Whether this transformers' Trainer honours `loss_is_scaled_for_ga` (5.19 on); before, its training_step
+    divides a loss computed without num_items_in_batch by `current_gradient_accumulation_steps`."""
+    return hasattr(Trainer, "loss_is_scaled_for_ga")
+
+
 class _CrashAfterSave(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -136,7 +171,10 @@ class TailLossTrainer(Trainer):
     over the logging window). A loss that turns NaN or infinite stops training with NonFiniteLoss.
     """
 
-    loss_is_scaled_for_ga = True  # each term is already divided by its rows in the whole optimiser step
+    # Each term is already divided by its rows in the whole optimiser step: the Trainer must not divide the loss
+    # by the micro-batches of the window. transformers >= 5.19 reads this attribute; earlier 5.x always divide
+    # (our get_batch_samples gives no num_items_in_batch), which compute_loss then undoes.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *a, objective, reference=None, weights=None, **kw):
         super().__init__(*a, **kw)
@@ -173,6 +211,8 @@ class TailLossTrainer(Trainer):
         if counts is not None:
             # DDP and DeepSpeed average the processes' gradients; the step's objective is their sum
             loss = loss * self.accelerator.num_processes
+            if not trainer_reads_ga_scaling():
+                loss = loss * self.current_gradient_accumulation_steps
         return (loss, logits) if return_outputs else loss
 
     def log(self, logs, *a, **kw):
@@ -207,9 +247,9 @@ def train(trainer, resume=False):
     """trainer.train() (from the run's last checkpoint with `resume`), with the training log and the reference
     cache kept even when the run stops early."""
     try:
-        last = get_last_checkpoint(trainer.args.output_dir) if resume and os.path.isdir(trainer.args.output_dir) else None
-        if last and trainer.is_world_process_zero():
-            print(f"resuming from {last}", flush=True)
+        last, line = resume_point(trainer.args.output_dir) if resume else (None, None)
+        if line and trainer.is_world_process_zero():
+            print(line, flush=True)
         trainer.train(resume_from_checkpoint=last)
         if trainer.args.world_size > 1:  # one line per process: shows that every rank trained
             print(f"[rank {trainer.args.process_index}/{trainer.args.world_size}] trained "
