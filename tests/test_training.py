@@ -47,3 +47,29 @@ def test_group_by_length_gives_one_role_batches(tmp_path):
     grouped, default = batches(tmp_path, "--group_by_length"), batches(tmp_path)
     assert mixed_share(grouped) <= 0.5 < mixed_share(default)
     assert sum(b["input_ids"].shape[1] for b in grouped) < sum(b["input_ids"].shape[1] for b in default)
+
+
+def fake_accelerator(distributed_type="NO", zero_stage=None, processes=1, index=0, remainder=-1, total_batch=8):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
+    loader = SimpleNamespace(remainder=remainder, total_batch_size=total_batch)
+    return SimpleNamespace(distributed_type=DistributedType[distributed_type], num_processes=processes,
+                           process_index=index, state=SimpleNamespace(deepspeed_plugin=plugin),
+                           gradient_state=SimpleNamespace(active_dataloader=loader))
+
+
+@pytest.mark.parametrize("processes,index,remainder,real", [
+    (2, 0, 4, 3), (2, 1, 4, 1),   # 22 rows, 2 processes x 3: the epoch's last 4 rows, then 2 repeated ones
+    (3, 2, 4, 0),                 # a process whose last micro-batch is all repeated rows
+    (2, 1, 0, 3),                 # the rows divide the global batch: nothing repeated
+    (1, 0, 4, 3)])                # one process: its last batch holds no repeated row
+def test_rows_repeated_to_fill_the_last_batches_get_the_padding_role(processes, index, remainder, real):
+    from utils.methods import PADDING
+    from utils.training import mark_epoch_fill
+
+    batch = {"role": torch.tensor([FORGET, RETAIN, FORGET])}
+    mark_epoch_fill(batch, fake_accelerator(processes=processes, index=index, remainder=remainder, total_batch=3 * processes))
+    assert batch["role"].tolist() == [FORGET, RETAIN, FORGET][:real] + [PADDING] * (3 - real)

@@ -11,6 +11,7 @@ from . import losses
 
 RETAIN, FORGET, FORGET_GENERIC = 0, 1, 2
 ROLE_NAMES = {RETAIN: "retain", FORGET: "forget", FORGET_GENERIC: "forget_generic"}
+PADDING = -1  # a row repeated only to fill a batch: it goes through the forward and counts in no term
 
 
 class LossContext:

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .cli import UserError
-from .methods import ROLE_NAMES, LossContext
+from .methods import PADDING, ROLE_NAMES, LossContext
 from .modeling import tail_logits
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -129,6 +129,24 @@ class _CrashAfterSave(TrainerCallback):
             raise RuntimeError(f"simulated crash after the checkpoint of step {state.global_step} ({CRASH_AFTER_STEP})")
 
 
+def mark_epoch_fill(batch, accelerator):
+    """Give the padding role to the rows accelerate repeats to fill the last micro-batches of an epoch.
+
+    With several processes, accelerate's `even_batches` hands every process a full last micro-batch, filled with
+    rows from the start of the epoch. Ordered by process, the epoch's last micro-batches hold its last
+    `remainder` real rows first, then the fill (the rule of accelerate's own `gather_for_metrics`); as padding
+    they run through the forward like any row and count in no term, so the step trains the rows of one process.
+    """
+    loader = accelerator.gradient_state.active_dataloader
+    remainder = getattr(loader, "remainder", -1)
+    if accelerator.num_processes == 1 or remainder <= 0:  # nothing repeated (or a loader of unknown length)
+        return
+    per_process = loader.total_batch_size // accelerator.num_processes
+    first = accelerator.process_index * per_process  # this process's offset in the last global batch
+    position = first + torch.arange(batch["role"].shape[0], device=batch["role"].device)
+    batch["role"] = batch["role"].masked_fill(position >= remainder, PADDING)
+
+
 class TailLossTrainer(Trainer):
     """Trainer whose loss is `objective(LossContext, **weights)` on the completion positions only.
 
@@ -147,10 +165,18 @@ class TailLossTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimiser step, and the rows of each role in all of them on all processes."""
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+            if self.accelerator.gradient_state.end_of_dataloader:
+                mark_epoch_fill(batches[-1], self.accelerator)
         counts = torch.zeros(len(ROLE_NAMES), dtype=torch.long, device=device)
         for b in batches:
-            counts += torch.bincount(b["role"].flatten().to(device), minlength=len(ROLE_NAMES))
+            role = b["role"].flatten().to(device)
+            counts += torch.bincount(role[role != PADDING], minlength=len(ROLE_NAMES))
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         self._counts = dict(enumerate(counts.tolist()))
