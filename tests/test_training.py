@@ -61,6 +61,14 @@ def fake_accelerator(distributed_type="NO", zero_stage=None, processes=1, index=
                            gradient_state=SimpleNamespace(active_dataloader=loader))
 
 
+@pytest.mark.parametrize("kind,stage,sharded", [("NO", None, False), ("MULTI_GPU", None, False), ("FSDP", None, True),
+                                                ("DEEPSPEED", 2, False), ("DEEPSPEED", 3, True)])
+def test_sharded_parameters_are_told_from_the_accelerator(kind, stage, sharded):
+    from utils.training import parameters_sharded
+
+    assert parameters_sharded(fake_accelerator(kind, stage)) is sharded
+
+
 @pytest.mark.parametrize("processes,index,remainder,real", [
     (2, 0, 4, 3), (2, 1, 4, 1),   # 22 rows, 2 processes x 3: the epoch's last 4 rows, then 2 repeated ones
     (3, 2, 4, 0),                 # a process whose last micro-batch is all repeated rows

@@ -129,6 +129,17 @@ class _CrashAfterSave(TrainerCallback):
             raise RuntimeError(f"simulated crash after the checkpoint of step {state.global_step} ({CRASH_AFTER_STEP})")
 
 
+def parameters_sharded(accelerator):
+    """Whether the model's parameters are sharded over the processes (FSDP, DeepSpeed ZeRO-3): then each forward
+    gathers them from every process, and all processes must run the same forwards."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
 def mark_epoch_fill(batch, accelerator):
     """Give the padding role to the rows accelerate repeats to fill the last micro-batches of an epoch.
 
@@ -159,6 +170,8 @@ class TailLossTrainer(Trainer):
     def __init__(self, *a, objective, reference=None, weights=None, **kw):
         super().__init__(*a, **kw)
         self.objective, self.reference, self.weights = objective, reference, weights or {}
+        if reference is not None:  # sharded parameters: every process runs each reference forward (utils.reference)
+            reference.lockstep = parameters_sharded(self.accelerator)
         self._sums, self._steps, self._counts = {}, 0, None
         if os.environ.get(CRASH_AFTER_STEP):
             self.add_callback(_CrashAfterSave(int(os.environ[CRASH_AFTER_STEP])))
