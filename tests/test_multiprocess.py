@@ -129,7 +129,8 @@ def test_each_process_fills_the_reference_rows_it_sees(runs, tiny_qlora):
 
 def test_baseline_reference_fill_is_split_over_processes(tiny_qlora, sst2_dir, tmp_path):
     """GA+KL fills its reference before the first step, each process a share, then exchanges them: two processes
-    of 4 rows train the same steps as one process of 8."""
+    of 4 rows train the same steps as one process of 8, the third (the epoch's last: 6 of the 22 rows, 2 repeated on
+    the second process) too."""
     extra = ("--unlearn_method", "gradient_ascent_kl", "--max_steps", 3, "--kl_topk", 8)
     _, ddp = _run("baselines.py", tiny_qlora, sst2_dir, tmp_path / "ddp", 4, *extra, nproc=2)
     _, one = _run("baselines.py", tiny_qlora, sst2_dir, tmp_path / "one", 8, *extra)
