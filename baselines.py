@@ -167,19 +167,24 @@ def main(argv=None):
     collator = LeftPadCollator(tokenizer.pad_token_id)
     cache = None
     if method.needs_reference and args.kl_reference == "cache":
-        # The weights change from the first step: every reference row is computed before it, while the model
-        # (for --lora: with the adapter switched off) is still the original. Rows an earlier run on the same
-        # model computed are read from disk; several processes split the rest.
-        need = [r for r in rows if r["role"] in method.reference_roles]
-        cache = ReferenceCache(rows, args.kl_topk, store_path(args.model_checkpoints, args.kl_topk, weights_dtype))
-        model.to(targs.device)
-        cache.fill(model, need, collator, args.eval_batch_size, targs.device, quiet=args.quiet)
-        cache.save()
-        print(f"reference cache: {len(need):,} rows ({cache.reused:,} read from {cache.path})")
-
+        # the values depend on the precision the forward runs in: the weights' dtype and training's autocast
+        amp = "bf16" if targs.bf16 else "fp16" if targs.fp16 else None
+        key = f"{str(weights_dtype).replace('torch.', '')}{f'-autocast-{amp}' if amp else ''}"
+        cache = ReferenceCache(rows, args.kl_topk, store_path(args.model_checkpoints, args.kl_topk, key))
     trainer = TailLossTrainer(
         model=model, args=targs, train_dataset=rows, data_collator=collator, objective=method.objective,
         reference=make_reference(args.kl_reference, cache) if method.needs_reference else None, weights=method_weights(args))
+    if cache is not None:
+        # The weights change from the first step: every reference row is computed before it, while the model
+        # (for --lora: with the adapter switched off) is still the original, in the precision training runs its
+        # forward in (the Trainer's autocast), so that the KL is 0 and the NPO ratio 1 at step 0. Rows an earlier
+        # run on the same model computed are read from disk; several processes split the rest.
+        need = [r for r in rows if r["role"] in method.reference_roles]
+        model.to(targs.device)
+        with trainer.accelerator.autocast():
+            cache.fill(model, need, collator, args.eval_batch_size, targs.device, quiet=args.quiet)
+        cache.save()
+        print(f"reference cache: {len(need):,} rows ({cache.reused:,} read from {cache.path})")
     train(trainer, resume=mode == "resume")  # a NaN/inf loss raises NonFiniteLoss; the training log is written either way
 
     if trainer.is_world_process_zero():

@@ -175,6 +175,27 @@ def test_kl_reference_is_the_original_model(unlearned, method):
     assert max(e.get("retain_kl", 0) for e in read_json(out, "training_log.json")) > 1e-3  # and it grows as the model moves
 
 
+@pytest.mark.parametrize("method,term", [("gradient_ascent_kl", "retain_kl"), ("npo", "forget_npo")])
+def test_cached_reference_is_computed_in_the_precision_of_training(toy, method, term):
+    """Under bf16 autocast (the default on a GPU that has it) the cached reference is computed in the autocast the
+    training forward runs in: at step 0 the KL is 0 and the NPO ratio 1 (the term (2/β)·log 2), as with the
+    online reference. Computed in fp32, the reference differed from the bf16 forward by its rounding."""
+    import math
+
+    at_start = {"retain_kl": 0.0, "forget_npo": 2 / 0.1 * math.log(2)}[term]
+    # An fp32 reference against the bf16 forward gave a KL of 2.4e-5 and an NPO term 7.4e-4 off (one bf16 rounding
+    # of the logits, first order in NPO's log-ratio, second in the KL); computed in the same autocast, the cached
+    # values equal the online reference's to the log's 6 decimals. A tenth of the rounding's effect is allowed.
+    tol = {"retain_kl": 2e-6, "forget_npo": 7e-5}[term]
+    first = {}
+    for reference in ("cache", "online"):
+        out = run_baseline(toy, method, "--precision", "bf16", "--max_steps", 1, "--kl_reference", reference,
+                           out=str(toy["root"] / f"bf16-{method}-{reference}"))
+        first[reference] = first_logged(out, term)
+    assert first["cache"] == pytest.approx(at_start, abs=tol), first
+    assert first["cache"] == pytest.approx(first["online"], abs=tol), first
+
+
 def test_lora_trains_an_adapter_whose_reference_is_the_adapter_switched_off(toy):
     import math
 

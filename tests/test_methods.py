@@ -163,3 +163,63 @@ def test_registry_matches_the_paper():
         "gradient_ascent_kl": {FORGET, RETAIN}, "gradient_ascent_descent": {FORGET, RETAIN},
         "llmu": {FORGET, FORGET_GENERIC, RETAIN}, "npo": {FORGET}, "npo_rt": {FORGET, RETAIN}}
     assert {m for m in BASELINES if METHODS[m].needs_reference} == {"gradient_ascent_kl", "llmu", "npo", "npo_rt"}
+
+
+class CountingReferenceModel(FakeReferenceModel):
+    """FakeReferenceModel that counts its forwards (with sharded parameters each one is a collective)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        return super().__call__(*a, **kw)
+
+
+@pytest.mark.parametrize("reference", ["cache", "online"])
+@pytest.mark.parametrize("method", ["gradient_ascent_kl", "npo_rt"])
+def test_sharded_parameters_run_the_reference_forward_on_every_process(reference, method):
+    """FSDP / ZeRO-3 (`lockstep`): a process whose micro-batch holds no row of the term's role still runs the
+    online reference forward, as the processes that hold some do (a skipped collective leaves them waiting);
+    the terms are unchanged. Unsharded, it skips the forward."""
+    rows = [3, 4] if method == "npo_rt" else [0, 1]  # no forget row for NPO, no retain row for the KL
+    values = {}
+    for lockstep in (False, True):
+        c = context(rows, reference)
+        c.model, c.reference.lockstep = CountingReferenceModel(), lockstep
+        values[lockstep] = {k: v.item() for k, v in objective(method, c, npo_beta=0.1).items()}
+        expected = int(lockstep and reference == "online")  # the full cache needs no forward at all
+        assert c.model.calls == expected, (lockstep, c.model.calls)
+    assert values[True] == values[False]
+    # with rows of the role, lockstep runs the forward on the whole micro-batch and selects: the same values
+    for lockstep in (False, True):
+        c = context(reference=reference)
+        c.reference.lockstep = lockstep
+        values[lockstep] = {k: v.item() for k, v in objective(method, c, npo_beta=0.1).items()}
+    assert values[True] == pytest.approx(values[False], abs=1e-6)
+
+
+@pytest.mark.parametrize("other_process_misses", [False, True])
+def test_sharded_lazy_cache_computes_on_every_process_when_any_misses(monkeypatch, other_process_misses):
+    """SPUL's lazy cache under FSDP / ZeRO-3: this process has every row of its micro-batch, another process misses
+    some; every process must run the reference forward then. The processes learn it from one collective flag."""
+    import utils.reference as reference_module
+
+    asked = []
+
+    def any_process(flag, device):
+        asked.append(bool(flag))
+        return bool(flag) or other_process_misses
+
+    monkeypatch.setattr(reference_module, "any_process", any_process)
+    c = context()
+    c.model = CountingReferenceModel()
+    c.reference.lazy = c.reference.lockstep = True
+    t = objective("gradient_ascent_kl", c)
+    assert asked == [False]  # this process's rows were all cached
+    assert c.model.calls == int(other_process_misses)
+    assert t["retain_kl"].item() == pytest.approx(KL, abs=1e-5)  # recomputed values equal the cached ones
+    c.reference.cache.filled[:] = False  # unsharded (no lockstep): a process computes only the rows it misses
+    c.reference.lockstep, c.model.calls = False, 0
+    objective("gradient_ascent_kl", c)
+    assert c.model.calls == 1 and asked == [False]

@@ -140,3 +140,37 @@ def test_an_older_transformers_is_refused_at_the_start(monkeypatch, tmp_path):
         training_arguments(p.parse_args([]), str(tmp_path))
     with open(os.path.join(ROOT, "requirements.txt")) as f:
         assert f"transformers>={MIN_TRANSFORMERS}," in f.read()
+
+
+def fake_accelerator(distributed_type="NO", zero_stage=None, processes=1, index=0, remainder=-1, total_batch=8):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
+    loader = SimpleNamespace(remainder=remainder, total_batch_size=total_batch)
+    return SimpleNamespace(distributed_type=DistributedType[distributed_type], num_processes=processes,
+                           process_index=index, state=SimpleNamespace(deepspeed_plugin=plugin),
+                           gradient_state=SimpleNamespace(active_dataloader=loader))
+
+
+@pytest.mark.parametrize("kind,stage,sharded", [("NO", None, False), ("MULTI_GPU", None, False), ("FSDP", None, True),
+                                                ("DEEPSPEED", 2, False), ("DEEPSPEED", 3, True)])
+def test_sharded_parameters_are_told_from_the_accelerator(kind, stage, sharded):
+    from utils.training import parameters_sharded
+
+    assert parameters_sharded(fake_accelerator(kind, stage)) is sharded
+
+
+@pytest.mark.parametrize("processes,index,remainder,real", [
+    (2, 0, 4, 3), (2, 1, 4, 1),   # 22 rows, 2 processes x 3: the epoch's last 4 rows, then 2 repeated ones
+    (3, 2, 4, 0),                 # a process whose last micro-batch is all repeated rows
+    (2, 1, 0, 3),                 # the rows divide the global batch: nothing repeated
+    (1, 0, 4, 3)])                # one process: its last batch holds no repeated row
+def test_rows_repeated_to_fill_the_last_batches_get_the_padding_role(processes, index, remainder, real):
+    from utils.methods import PADDING
+    from utils.training import mark_epoch_fill
+
+    batch = {"role": torch.tensor([FORGET, RETAIN, FORGET])}
+    mark_epoch_fill(batch, fake_accelerator(processes=processes, index=index, remainder=remainder, total_batch=3 * processes))
+    assert batch["role"].tolist() == [FORGET, RETAIN, FORGET][:real] + [PADDING] * (3 - real)

@@ -11,6 +11,7 @@ from . import losses
 
 RETAIN, FORGET, FORGET_GENERIC = 0, 1, 2
 ROLE_NAMES = {RETAIN: "retain", FORGET: "forget", FORGET_GENERIC: "forget_generic"}
+PADDING = -1  # a row repeated only to fill a batch: it goes through the forward and counts in no term
 
 
 class LossContext:
@@ -42,16 +43,20 @@ class LossContext:
     def ga(self, role=FORGET):
         return -self.ce(role)
 
+    def _skips_reference(self, sel):
+        """No row of the role here: no reference forward, unless every process must run it (sharded parameters)."""
+        return not sel.any() and not self.reference.lockstep
+
     def kl(self, role=RETAIN):
         """KL(reference || model) at the label-prediction position of `role` rows."""
         lg, lb, sel = self.rows(role)
-        if not sel.any():
+        if self._skips_reference(sel):
             return self.mean(role, lg.new_zeros(0))
         return self.mean(role, self.reference.kl_rows(self.model, self.inputs, sel, losses.label_position_logits(lg, lb)))
 
     def npo(self, beta, role=FORGET):
         lg, lb, sel = self.rows(role)
-        if not sel.any():
+        if self._skips_reference(sel):
             return self.mean(role, lg.new_zeros(0))
         ref = self.reference.seq_logprob(self.model, self.inputs, sel)
         return self.mean(role, losses.npo_rows(losses.sequence_logprob(lg, lb), ref.to(lg.device), beta))

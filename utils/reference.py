@@ -13,6 +13,10 @@ Two ways to fill it:
 - before the first step (`ReferenceCache.fill`, the fine-tuning baselines: their weights change from
   the first step), split over the processes of a multi-process run.
 The online variant runs the reference forward (prompt off, or the frozen copy) in every step.
+
+With sharded parameters (FSDP, DeepSpeed ZeRO-3) every forward through the trained model is a collective: all
+processes must run it, or the others wait forever. `lockstep` (set by the Trainer from accelerate's state) makes
+every process run each reference forward of a step, on its whole micro-batch, whether or not its own rows need it.
 """
 import fcntl
 import hashlib
@@ -44,13 +48,24 @@ def reference_logits(model, input_ids, attention_mask, tail_labels):
         restore()
 
 
+def any_process(flag, device):
+    """Whether `flag` holds on any process (a collective: every process must call it)."""
+    from accelerate.utils import reduce
+
+    return bool(reduce(torch.tensor([int(flag)], device=device), reduction="sum").item())
+
+
 class OnlineReference:
     """Reference logits from `model(..., reference=True)` in every step, under no_grad. Exact."""
 
     name = "online"
+    lockstep = False  # True under sharded parameters: the forward runs on every process, on its whole micro-batch
 
     def _logits(self, model, inputs, sel):
         labels = inputs["tail_labels"][sel]
+        if self.lockstep:
+            every = reference_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["tail_labels"])
+            return every[sel], labels
         return reference_logits(model, inputs["input_ids"][sel], inputs["attention_mask"][sel], labels), labels
 
     def kl_rows(self, model, inputs, sel, logits_at_label):
@@ -173,6 +188,7 @@ class CachedReference:
     a bug (the baselines fill every row before the first step)."""
 
     name = "cache"
+    lockstep = False  # True under sharded parameters: when any process misses a row, every process runs the forward
 
     def __init__(self, cache, lazy=False):
         self.cache, self.lazy = cache, lazy
@@ -180,10 +196,14 @@ class CachedReference:
     def _rows(self, model, inputs, sel):
         rows = inputs["row_id"][sel].cpu()
         missing = ~self.cache.filled[rows]
-        if missing.any():
-            if not self.lazy:
-                raise RuntimeError(f"the reference cache has no value for {int(missing.sum())} rows: it must be "
-                                   f"filled before the first step")
+        if missing.any() and not self.lazy:
+            raise RuntimeError(f"the reference cache has no value for {int(missing.sum())} rows: it must be "
+                               f"filled before the first step")
+        if self.lazy and self.lockstep:
+            if any_process(missing.any(), sel.device):  # the whole micro-batch: its other rows' values are valid too
+                self.cache.compute(model, inputs["input_ids"], inputs["attention_mask"], inputs["tail_labels"],
+                                   inputs["row_id"])
+        elif missing.any():
             m = sel.nonzero().squeeze(-1)[missing.to(sel.device)]
             self.cache.compute(model, inputs["input_ids"][m], inputs["attention_mask"][m], inputs["tail_labels"][m],
                                rows[missing])

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .cli import UserError
-from .methods import ROLE_NAMES, LossContext
+from .methods import PADDING, ROLE_NAMES, LossContext
 from .modeling import tail_logits
 from .runs import TRAINABLE_FILE, resume_point
 # Tests only: raise right after the checkpoint of this optimiser step is saved, as a crash would.
@@ -164,6 +164,35 @@ class _CrashAfterSave(TrainerCallback):
             raise RuntimeError(f"simulated crash after the checkpoint of step {state.global_step} ({CRASH_AFTER_STEP})")
 
 
+def parameters_sharded(accelerator):
+    """Whether the model's parameters are sharded over the processes (FSDP, DeepSpeed ZeRO-3): then each forward
+    gathers them from every process, and all processes must run the same forwards."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def mark_epoch_fill(batch, accelerator):
+    """Give the padding role to the rows accelerate repeats to fill the last micro-batches of an epoch.
+
+    With several processes, accelerate's `even_batches` hands every process a full last micro-batch, filled with
+    rows from the start of the epoch. Ordered by process, the epoch's last micro-batches hold its last
+    `remainder` real rows first, then the fill (the rule of accelerate's own `gather_for_metrics`); as padding
+    they run through the forward like any row and count in no term, so the step trains the rows of one process.
+    """
+    loader = accelerator.gradient_state.active_dataloader
+    remainder = getattr(loader, "remainder", -1)
+    if accelerator.num_processes == 1 or remainder <= 0:  # nothing repeated (or a loader of unknown length)
+        return
+    per_process = loader.total_batch_size // accelerator.num_processes
+    first = accelerator.process_index * per_process  # this process's offset in the last global batch
+    position = first + torch.arange(batch["role"].shape[0], device=batch["role"].device)
+    batch["role"] = batch["role"].masked_fill(position >= remainder, PADDING)
+
+
 class TailLossTrainer(Trainer):
     """Trainer whose loss is `objective(LossContext, **weights)` on the completion positions only.
 
@@ -179,16 +208,26 @@ class TailLossTrainer(Trainer):
     def __init__(self, *a, objective, reference=None, weights=None, **kw):
         super().__init__(*a, **kw)
         self.objective, self.reference, self.weights = objective, reference, weights or {}
+        if reference is not None:  # sharded parameters: every process runs each reference forward (utils.reference)
+            reference.lockstep = parameters_sharded(self.accelerator)
         self._sums, self._steps, self._counts = {}, 0, None
         if os.environ.get(CRASH_AFTER_STEP):
             self.add_callback(_CrashAfterSave(int(os.environ[CRASH_AFTER_STEP])))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimiser step, and the rows of each role in all of them on all processes."""
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+            if self.accelerator.gradient_state.end_of_dataloader:
+                mark_epoch_fill(batches[-1], self.accelerator)
         counts = torch.zeros(len(ROLE_NAMES), dtype=torch.long, device=device)
         for b in batches:
-            counts += torch.bincount(b["role"].flatten().to(device), minlength=len(ROLE_NAMES))
+            role = b["role"].flatten().to(device)
+            counts += torch.bincount(role[role != PADDING], minlength=len(ROLE_NAMES))
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         self._counts = dict(enumerate(counts.tolist()))
