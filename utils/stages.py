@@ -10,12 +10,14 @@ Every returned model has the `model(input_ids, attention_mask, keep=K)` interfac
 A broken chain (missing folder, unfinished run, adapter of another base model) is a one-line UserError.
 """
 import os
+import re
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .cli import UserError, comma_list
+from .runs import read_json
 from .modeling import EMBEDDED, EMBEDDED_ALIASES, check_adapter_base, load_merged_model, load_model, load_tokenizer, read_arguments
 
 
@@ -31,6 +33,23 @@ def _looks_like_path(name):
     first = name.replace("\\", "/").split("/")[0]
     return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
             or ("/" in name and os.path.isdir(first)))
+
+
+def refuse_intermediate(name):
+    """A checkpoint-N folder inside a run folder is a training state the Trainer saved, not a stage: no
+    arguments.json of its own, so without this it would be taken for a hub name or a bare model. Known by its name
+    and by what it holds (utils.training.TRAINABLE_FILE) or the run folder around it."""
+    name = str(name)
+    folder, base = os.path.split(os.path.normpath(name))
+    if not (os.path.isdir(name) and re.fullmatch(r"checkpoint-\d+", base)):
+        return
+    if not (os.path.exists(os.path.join(name, "trainable.safetensors")) or os.path.exists(os.path.join(folder, "arguments.json"))):
+        return
+    run = folder or "."
+    done = (read_json(os.path.join(run, "arguments.json")) or {}).get("finished")
+    how = (f"use the finished run {run}" if done else
+           f"finish the run in {run} first (its own command with --resume), then use {run}")
+    raise UserError(f"{name} is an intermediate checkpoint of a run, not a stage: {how}")
 
 
 def _read_finished(folder, expected=None):
@@ -84,6 +103,7 @@ def start_point(name, stage):
     folder, or {} for a pre-trained model (hub id, model folder, embedded name). Checked before any data or
     model is loaded: a missing folder is reported as such, not as a failed hub download."""
     name = str(name)
+    refuse_intermediate(name)
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "arguments.json")):
         info = read_arguments(name)
         if info.get("stage") != "qlora":
@@ -122,6 +142,7 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False, shared_prefi
     from .training import TailLM
 
     name = str(path_or_name)
+    refuse_intermediate(name)
     embedded = EMBEDDED_ALIASES.get(name.lower(), name.lower()) in EMBEDDED
     if not embedded and not os.path.isdir(name) and _looks_like_path(name):
         raise UserError(f"checkpoint folder {name} does not exist")
@@ -207,6 +228,7 @@ def stage_arguments(path_or_name):
     """The arguments.json of a stage folder ({} for a pre-trained model): read before any model is loaded,
     so that the data settings the stage used are known early."""
     name = str(path_or_name)
+    refuse_intermediate(name)
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "arguments.json")):
         return _read_finished(name)
     if not os.path.isdir(name) and _looks_like_path(name) and EMBEDDED_ALIASES.get(name.lower(), name.lower()) not in EMBEDDED:

@@ -91,7 +91,10 @@ def training_arguments(args, output_dir, **overrides):
         dataloader_num_workers=0,
     )
     kw.update(overrides)
-    return TrainingArguments(**kw)
+    try:
+        return TrainingArguments(**kw)
+    except ValueError as e:  # a value the flags' types cannot check alone: --lr_scheduler_type, --report_to, ...
+        raise UserError(f"bad training arguments: {str(e).splitlines()[0][:300]}")
 
 
 def enable_gradient_checkpointing(args, lm):
