@@ -53,11 +53,12 @@ def test_a_contradicting_dataset_is_an_error_and_a_longer_max_length_a_warning(t
     assert "warning: --max_length 96 is longer than" in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["spul.py", "baselines.py", "eco.py", "inference_spul.py"])
+@pytest.mark.parametrize("script", ["spul.py", "baselines.py", "eco.py", "inference_spul.py", "qlora.py"])
 def test_a_missing_checkpoint_folder_is_reported_as_such(script, tmp_path):
     """Without --data_dir the data would come from the hub; the missing folder must be what the user hears of."""
     extra = ["--unlearn_method", "gradient_ascent"] if script == "baselines.py" else []
-    proc = run_script(script, "--model_checkpoints", tmp_path / "runs" / "qlora-typo", *extra, check=False)
+    flag = "--model_name" if script == "qlora.py" else "--model_checkpoints"
+    proc = run_script(script, flag, tmp_path / "runs" / "qlora-typo", *extra, check=False)
     line = one_line_error(proc)
     assert "qlora-typo" in line and "does not exist" in line and "hub" not in line
 

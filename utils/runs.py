@@ -148,8 +148,9 @@ def check_chain(path, args):
             relation = "lies inside"
         else:
             continue
-        raise UserError(f"--output_path {path} {relation} {folder}, {role}: a run never writes where it reads; choose "
-                        f"another --output_path")
+        what = role if relation == "is" else f"{folder}, {role}"
+        raise UserError(f"--output_path {path} {relation} {what}: a run never writes where it reads; choose another "
+                        f"--output_path")
 
 
 def _disposable(path):
@@ -227,7 +228,7 @@ PARENT_ROWS = ("dataset", "data_dir", "text_column", "label_column", "data_seed"
 def _other_data(args, parent, parent_name):
     """True when --data_dir names other data than the parent trained on: an error unless --other_data allows it."""
     mine, theirs = getattr(args, "data_dir", None), parent.get("data_dir")
-    if mine is None or not parent or (theirs is not None and os.path.abspath(mine) == os.path.abspath(theirs)):
+    if mine is None or not parent or (theirs is not None and os.path.realpath(mine) == os.path.realpath(theirs)):
         return False
     trained = f"the folder {theirs}" if theirs else f"the hub dataset {parent.get('dataset')}"
     if not getattr(args, "other_data", False):

@@ -27,7 +27,7 @@ class Stage(NamedTuple):
     info: dict  # method, model (base model name), stage, checkpoint, arguments, encoder_kwargs
 
 
-def _looks_like_path(name):
+def looks_like_path(name):
     """A name that can only mean a local folder (a hub id is 'owner/name' with no leading ./ or /)."""
     name = str(name)
     first = name.replace("\\", "/").split("/")[0]
@@ -75,7 +75,7 @@ def _parent(folder, info):
     if os.path.isdir(parent) and os.path.exists(os.path.join(parent, "arguments.json")):
         return parent, _read_finished(parent, ("qlora",))
     embedded = EMBEDDED_ALIASES.get(parent.lower(), parent.lower()) in EMBEDDED
-    if not os.path.isdir(parent) and not embedded and _looks_like_path(parent):
+    if not os.path.isdir(parent) and not embedded and looks_like_path(parent):
         raise UserError(f"the folder {parent} that {folder} was trained from does not exist")
     return parent, None
 
@@ -116,7 +116,7 @@ def start_point(name, stage):
         return {}
     if EMBEDDED_ALIASES.get(name.lower(), name.lower()) in EMBEDDED:
         return {}
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise UserError(f"--model_checkpoints {name} does not exist")
     try:
         load_tokenizer(name)
@@ -144,7 +144,7 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False, shared_prefi
     name = str(path_or_name)
     refuse_intermediate(name)
     embedded = EMBEDDED_ALIASES.get(name.lower(), name.lower()) in EMBEDDED
-    if not embedded and not os.path.isdir(name) and _looks_like_path(name):
+    if not embedded and not os.path.isdir(name) and looks_like_path(name):
         raise UserError(f"checkpoint folder {name} does not exist")
 
     # a pre-trained model: hub id, embedded name, or a model folder that no stage of ours wrote
@@ -231,6 +231,6 @@ def stage_arguments(path_or_name):
     refuse_intermediate(name)
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "arguments.json")):
         return _read_finished(name)
-    if not os.path.isdir(name) and _looks_like_path(name) and EMBEDDED_ALIASES.get(name.lower(), name.lower()) not in EMBEDDED:
+    if not os.path.isdir(name) and looks_like_path(name) and EMBEDDED_ALIASES.get(name.lower(), name.lower()) not in EMBEDDED:
         raise UserError(f"checkpoint folder {name} does not exist")
     return {}
