@@ -108,6 +108,12 @@ def test_other_data_than_the_parents_is_an_error_unless_other_data(sst2_dir, tmp
     assert out.startswith(f"following q1: data_dir={other} (not its data: --other_data), ") and "max_length=64" in out
     # its own name, and no cap of the parent's taken as rows it trained on
     assert (args.dataset, args.max_forget, args.max_retain, args.max_length) == ("mydata", None, None, 64)
+    # a parent trained on the hub's sst2: a folder named sst2 is a copy of it, a folder named otherwise is not
+    hub = {k: v for k, v in parent.items() if k != "data_dir"}
+    assert inherit(spul.parse_args(["--model_checkpoints", "q1", "--data_dir", sst2_dir]), hub, "q1").max_forget == 16
+    with pytest.raises(UserError, match=r"not the data q1 was trained on \(the hub dataset sst2\)"):
+        inherit(spul.parse_args(["--model_checkpoints", "q1", "--data_dir", other]), hub, "q1")
+    capsys.readouterr()
     # the parent's own folder, given or left out: the line names it
     for given in ([], ["--data_dir", sst2_dir]):
         args = inherit(spul.parse_args(["--model_checkpoints", "q1", *given]), parent, "q1")

@@ -139,8 +139,8 @@ def add_data_args(p, child=False):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None,
                    help="sst2, yelp (sentiment) or wmdp_bio (mcqa): the paper's hub datasets; a name for --data_dir's "
-                        "data otherwise (default: " + ("the parent stage's, else " if child else "") + "sst2; for --task "
-                        "mcqa wmdp_bio, or the --data_dir folder's name)")
+                        "data otherwise (default: " + ("the parent stage's, else " if child else "") + "the --data_dir folder's "
+                        "name, else sst2; for --task mcqa wmdp_bio)")
     g.add_argument("--task", choices=["sentiment", "mcqa"], default=None,
                    help="sentiment: text,label rows; mcqa: multiple-choice question,choices,answer rows answered by a "
                         "letter (default: " + ("the parent stage's, else " if child else "") + "mcqa for --dataset "

@@ -18,7 +18,7 @@ import sys
 import time
 
 from .cli import UserError, local_rank_zero, on_user_error
-from .data import resolve_task
+from .data import default_dataset, resolve_task
 
 DONE = "arguments.json"  # written last-updated with "finished": true
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -228,8 +228,12 @@ PARENT_ROWS = ("dataset", "data_dir", "text_column", "label_column", "data_seed"
 def _other_data(args, parent, parent_name):
     """True when --data_dir names other data than the parent trained on: an error unless --other_data allows it."""
     mine, theirs = getattr(args, "data_dir", None), parent.get("data_dir")
-    if mine is None or not parent or (theirs is not None and os.path.realpath(mine) == os.path.realpath(theirs)):
+    if mine is None or not parent:
         return False
+    if theirs is not None and os.path.realpath(mine) == os.path.realpath(theirs):
+        return False
+    if theirs is None and (args.dataset or default_dataset(None, mine)) == parent.get("dataset"):
+        return False  # a local copy of the hub dataset the parent trained on (a folder named sst2, or --dataset sst2)
     trained = f"the folder {theirs}" if theirs else f"the hub dataset {parent.get('dataset')}"
     if not getattr(args, "other_data", False):
         raise UserError(f"--data_dir {mine} is not the data {parent_name} was trained on ({trained}); leave --data_dir "
