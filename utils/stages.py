@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .cli import UserError, comma_list
-from .runs import read_json
 from .modeling import EMBEDDED, EMBEDDED_ALIASES, check_adapter_base, load_merged_model, load_model, load_tokenizer, read_arguments
+from .runs import CHECKPOINT_PREFIX, read_json
 
 
 class Stage(NamedTuple):
@@ -41,9 +41,9 @@ def refuse_intermediate(name):
     and by what it holds (utils.training.TRAINABLE_FILE) or the run folder around it."""
     name = str(name)
     folder, base = os.path.split(os.path.normpath(name))
-    if not (os.path.isdir(name) and re.fullmatch(r"checkpoint-\d+", base)):
+    if not (os.path.isdir(name) and re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"\d+", base)):
         return
-    if not (os.path.exists(os.path.join(name, "trainable.safetensors")) or os.path.exists(os.path.join(folder, "arguments.json"))):
+    if not any(os.path.exists(f) for f in (os.path.join(name, "trainable.safetensors"), os.path.join(folder, "arguments.json"))):
         return
     run = folder or "."
     done = (read_json(os.path.join(run, "arguments.json")) or {}).get("finished")
