@@ -42,7 +42,7 @@ def main():
     from utils.modeling import load_model, load_tokenizer, resolve_dtype
     from utils.lora import default_target_modules
     from utils.prompts import LeftPadCollator, PromptEncoder
-    from utils.runs import default_output, finish_run, prepare_run, remove_checkpoints, save_arguments
+    from utils.runs import default_output, finish_run, prepare_run, recorded_dataset, remove_checkpoints, save_arguments
     from utils.stages import looks_like_path
 
     # data (validated before any model is loaded, or peft imported: mistakes cost seconds, not minutes)
@@ -54,6 +54,7 @@ def main():
         args.model_name = os.path.abspath(args.model_name)
     elif looks_like_path(args.model_name):  # else a hub download would fail with a cut-off tokenizer message
         raise UserError(f"--model_name {args.model_name} does not exist")
+    recorded_dataset(args, args.output_path)
     resolve_task(args)
     data = training_splits(args)
     args.label_words = ",".join(data.label_words)

@@ -120,6 +120,22 @@ def test_other_data_than_the_parents_is_an_error_unless_other_data(sst2_dir, tmp
         assert f"following q1: data_dir={sst2_dir}" in capsys.readouterr().out and args.max_forget == 16
 
 
+def test_a_run_written_when_own_data_was_called_sst2_keeps_that_name(tmp_path):
+    """Resuming such a run must not fail on 'dataset: sst2 → mydata'; a new run takes the folder's name."""
+    from utils.runs import recorded_dataset
+
+    data = _small_data(tmp_path / "mydata")
+    run = tmp_path / "q"
+    run.mkdir()
+    (run / "arguments.json").write_text(json.dumps({"dataset": "sst2", "data_dir": data,
+                                                     "command": f"qlora.py --data_dir {data}"}))
+    ns = lambda **kw: argparse.Namespace(**{"dataset": None, "data_dir": data, "resume": True, **kw})  # noqa: E731
+    assert recorded_dataset(ns(), str(run)).dataset == "sst2"
+    assert recorded_dataset(ns(resume=False), str(run)).dataset is None  # a new run: the folder's name
+    assert recorded_dataset(ns(), str(tmp_path / "new")).dataset is None
+    assert recorded_dataset(ns(dataset="mine"), str(run)).dataset == "mine"
+
+
 # ------------------------------------------------------------------ a stage never destroys what it reads
 
 def _files(folder):

@@ -293,6 +293,17 @@ def inherit(args, parent, parent_name, quiet=False):
     return args
 
 
+def recorded_dataset(args, path):
+    """--resume with --dataset left out, for a --data_dir whose run in `path` was written when a data folder was still
+    called sst2: that name, so that the run resumes instead of differing in its dataset only."""
+    old = read_json(os.path.join(path, DONE)) if path and getattr(args, "resume", False) else None
+    if (args.dataset is None and args.data_dir and old and old.get("dataset") == "sst2" and old.get("data_dir")
+            and os.path.realpath(old["data_dir"]) == os.path.realpath(args.data_dir)
+            and "--dataset" not in str(old.get("command", ""))):
+        args.dataset = "sst2"
+    return args
+
+
 def default_output(stage, args, model_name, tail=""):
     """runs/<stage>-<dataset>-<model>[-<tail>]: two datasets or models never share a folder."""
     name = "-".join(x for x in (stage, str(args.dataset), short_name(model_name), tail) if x)
