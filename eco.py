@@ -17,8 +17,8 @@ the tokenizer and arguments.json (stage "eco"); utils.eco.load_eco_model reloads
 """
 import os
 
-from utils.cli import (UserError, add_data_args, add_model_args, add_run_args, make_parser, positive_int, run_main,
-                       set_seed)
+from utils.cli import (UserError, add_data_args, add_model_args, add_run_args, make_parser, nonneg_float,
+                       open_unit_interval, positive_float, positive_int, run_main, set_seed)
 
 
 def parse_args(argv=None):
@@ -36,10 +36,10 @@ def parse_args(argv=None):
                    help="cap on the test rows the classifier's precision and recall are measured on (seeded draw)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA if supported, else fp32")
     g = p.add_argument_group("ECO classifier")
-    g.add_argument("--target_fpr", type=float, default=0.05, help="false-positive rate on held-out retain rows the threshold is set for")
-    g.add_argument("--holdout_fraction", type=float, default=0.2, help="slice of the training rows kept out of the fit to choose the threshold on")
+    g.add_argument("--target_fpr", type=open_unit_interval, default=0.05, help="false-positive rate on held-out retain rows the threshold is set for")
+    g.add_argument("--holdout_fraction", type=open_unit_interval, default=0.2, help="slice of the training rows kept out of the fit to choose the threshold on")
     g.add_argument("--feature_layer", type=int, default=-1, help="hidden-state index the features are pooled from (-1: the last)")
-    g.add_argument("--classifier_c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    g.add_argument("--classifier_c", type=positive_float, default=1.0, help="inverse L2 strength of the logistic regression")
     g = p.add_argument_group("ECO corruption")
     g.add_argument("--corruption", choices=["rand_noise_first_n", "zero_topk"], default="rand_noise_first_n",
                    help="noise of strength σ on the first --eco_dims dimensions, or zero each token's k largest dimensions")
@@ -48,13 +48,11 @@ def parse_args(argv=None):
                    help="σ search range in units of the embedding matrix's RMS (zero_topk searches k in [1, d])")
     g.add_argument("--search_rounds", type=positive_int, default=10, help="bisection rounds of the σ search")
     g.add_argument("--search_rows", type=positive_int, default=64, help="train_forget rows (seeded subset) the σ search evaluates")
-    g.add_argument("--tolerance", type=float, default=0.05, help="forget rows count as forgotten at balanced label accuracy <= chance + this")
+    g.add_argument("--tolerance", type=nonneg_float, default=0.05, help="forget rows count as forgotten at balanced label accuracy <= chance + this")
     args = p.parse_args(argv)
     lo, hi = args.strength_range
     if not 0 < lo < hi:
         raise UserError(f"--strength_range needs 0 < LO < HI, got {lo} {hi}")
-    if args.tolerance < 0:
-        raise UserError(f"--tolerance must be >= 0, got {args.tolerance}")
     return args
 
 
@@ -64,7 +62,7 @@ def main():
 
     from utils import eco
     from utils.data import data_kwargs, load_splits, sample_rows, training_splits
-    from utils.evaluation import predict_rows
+    from utils.evaluation import predict_rows, rows_to_score
     from utils.modeling import device, load_tokenizer, resolve_dtype
     from utils.prompts import PromptEncoder
     from utils.runs import default_output, finish_run, inherit, prepare_run, save_arguments, save_json
@@ -87,6 +85,8 @@ def main():
     out = args.output_path or default_output("eco", args, base_name, f"{args.corruption}-fpr{args.target_fpr}")
     if prepare_run(out, args, "eco") == "done":
         return
+    print(rows_to_score({s: len(data[s]) for s in ("train_forget", "train_retain")} | {s: len(r) for s, r in test.items()},
+                        args.max_eval_rows, args.max_retain is not None or args.max_forget is not None), flush=True)
     tokenizer = load_tokenizer(args.model_checkpoints, args.set_pad_id)
     encoder = PromptEncoder(tokenizer, args.max_length, label_words=data.label_words, task=data.task)
     save_arguments(out, args, stage="eco", output_path=out, model_name=base_name)

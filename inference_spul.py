@@ -138,7 +138,7 @@ def ci_lines(res):
 def main():
     args = parse_args()
     from utils.evaluation import (GENERATION_PROTOCOL, classification_metrics, generate_rows, generation_metrics,
-                                  mia_auc, mia_auc_ci, predict_rows)
+                                  mia_auc, mia_auc_ci, predict_rows, rows_to_score)
     from utils.modeling import device, resolve_dtype
     from utils.prompts import PromptEncoder
     from utils.runs import read_json, save_json, settings_diff, settings_of
@@ -166,6 +166,9 @@ def main():
         if diff and not args.overwrite:
             raise UserError(f"{out} holds results of other settings ({', '.join(diff[:4])}); pass --overwrite to "
                             f"replace them or --output_path to keep both")
+
+    print(rows_to_score({s: len(r) for s, r in data.items()}, args.max_eval_rows,
+                        args.max_retain is not None or args.max_forget is not None), flush=True)
 
     # model: whatever stage wrote the folder
     t0 = time.time()

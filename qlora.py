@@ -11,7 +11,7 @@ Loss on the label tokens only.
 import os
 
 from utils.cli import (UserError, add_data_args, add_model_args, add_training_args, check_training_args, comma_list,
-                       make_parser, run_main, set_seed, unit_interval)
+                       make_parser, positive_int, run_main, set_seed, unit_interval)
 
 
 def parse_args(argv=None):
@@ -22,8 +22,8 @@ def parse_args(argv=None):
     add_training_args(p, lr=1e-4, epochs=10, warmup=0.05)
     g = p.add_argument_group("LoRA / quantization")
     g.add_argument("--quantization", choices=["nf4", "none"], default="nf4", help="4-bit NF4 base (QLoRA) or full precision")
-    g.add_argument("--lora_rank", type=int, default=16)
-    g.add_argument("--lora_alpha", type=int, default=64)
+    g.add_argument("--lora_rank", type=positive_int, default=16)
+    g.add_argument("--lora_alpha", type=positive_int, default=64)
     g.add_argument("--lora_dropout", "--lora_fropout", dest="lora_dropout", type=unit_interval, default=0.1,
                    help="LoRA dropout (--lora_fropout, the released scripts' spelling, is accepted too)")
     g.add_argument("--lora_bias", default="none", choices=["none", "all", "lora_only"])
@@ -32,8 +32,6 @@ def parse_args(argv=None):
                    help="retain: train on train_retain alone, the 'retrained' gold-standard reference")
     args = p.parse_args(argv)
     check_training_args(args)
-    if args.lora_rank <= 0 or args.lora_alpha <= 0:
-        p.error("--lora_rank and --lora_alpha must be positive")
     return args
 
 
@@ -44,7 +42,8 @@ def main():
     from utils.modeling import load_model, load_tokenizer, resolve_dtype
     from utils.lora import default_target_modules
     from utils.prompts import LeftPadCollator, PromptEncoder
-    from utils.runs import default_output, finish_run, prepare_run, remove_checkpoints, save_arguments
+    from utils.runs import default_output, finish_run, prepare_run, recorded_dataset, remove_checkpoints, save_arguments
+    from utils.stages import looks_like_path
 
     # data (validated before any model is loaded, or peft imported: mistakes cost seconds, not minutes)
     if args.data_dir:
@@ -53,6 +52,9 @@ def main():
         args.data_dir = os.path.abspath(args.data_dir)
     if os.path.isdir(args.model_name):
         args.model_name = os.path.abspath(args.model_name)
+    elif looks_like_path(args.model_name):  # else a hub download would fail with a cut-off tokenizer message
+        raise UserError(f"--model_name {args.model_name} does not exist")
+    recorded_dataset(args, args.output_path)
     resolve_task(args)
     data = training_splits(args)
     args.label_words = ",".join(data.label_words)

@@ -60,7 +60,36 @@ def parse_args(argv=None):
     args.stage_flags = stage_flags
     args.grid = parse_grid(args.method, args.grid)
     args.output_path = args.output_path or os.path.join("runs", "select", args.method)
+    check_points(args)
     return args
+
+
+def stage_argv(args, point):
+    """The run's flags for one grid point (without its --output_path and run-folder flags)."""
+    method_flags = [] if args.method == "spul" else [f"--unlearn_method={args.method}"]
+    return [f"--model_checkpoints={os.path.abspath(args.model_checkpoints)}", *method_flags, *args.stage_flags,
+            *(f"--{k}={v}" for k, v in point.items())]
+
+
+def check_points(args):
+    """Every grid point's flags, checked by the stage's own parser before the first run starts: a value out of
+    range is refused now, not after the runs before it."""
+    import contextlib
+    import io
+
+    sys.path.insert(0, ROOT)
+    import baselines
+    import spul
+
+    stage = spul if args.method == "spul" else baselines
+    for point in candidates(args.grid):
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                stage.parse_args(stage_argv(args, point))
+        except SystemExit:
+            why = [line.split("error: ", 1)[1] for line in said.getvalue().splitlines() if "error: " in line]
+            raise UserError(f"{stage.__name__}.py refuses the grid point {point}: {why[-1] if why else said.getvalue()}")
 
 
 def parse_grid(method, items):
@@ -164,13 +193,11 @@ def main():
         raise UserError(f"{args.model_checkpoints} is not a qlora.py folder: the retain validation rows are rows it "
                         f"trained on, so selection starts from one")
     script = "spul.py" if args.method == "spul" else "baselines.py"
-    method_flags = [] if args.method == "spul" else [f"--unlearn_method={args.method}"]
     os.makedirs(args.output_path, exist_ok=True)
     scored = []
     for point in candidates(args.grid):
         out = os.path.join(args.output_path, run_name(args.method, point))
-        cmd = [sys.executable, os.path.join(ROOT, script), f"--model_checkpoints={os.path.abspath(args.model_checkpoints)}",
-               *method_flags, *args.stage_flags, *(f"--{k}={v}" for k, v in point.items()), f"--output_path={out}",
+        cmd = [sys.executable, os.path.join(ROOT, script), *stage_argv(args, point), f"--output_path={out}",
                "--resume", "--overwrite", "--quiet"]  # its own runs: kept when the settings are the same, else redone
         print(f"[{run_name(args.method, point)}] " + " ".join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, cwd=ROOT)

@@ -177,7 +177,8 @@ def split_dirs(tmp_path_factory, sst2_dir):
 
 
 def _eco(qlora, data_dir, out, *extra):
-    return run_script("eco.py", "--model_checkpoints", qlora, "--data_dir", data_dir, "--max_length", 64,
+    # rows of SST-2 in folders of their own: other data than the qlora folder's, as far as a stage can tell
+    return run_script("eco.py", "--model_checkpoints", qlora, "--data_dir", data_dir, "--other_data", "--max_length", 64,
                       "--search_rows", 8, "--search_rounds", 2, "--eco_dims", 16, "--target_fpr", 0.1,
                       "--output_path", out, "--quiet", *extra)
 

@@ -127,6 +127,14 @@ def test_table2_layout_with_paper_rows(runs, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_paper_rows_only_beside_the_papers_datasets(tmp_path):
+    """A run on own data (named after its folder) gets no paper row; one on the paper's SST-2 does."""
+    _result(tmp_path / "own", "spul", [0.99, 0.1, 0.95, 0.2], [0.99, 0.1, 0.95, 0.2], dataset="mydata")
+    _result(tmp_path / "sst2", "spul", [0.99, 0.1, 0.95, 0.2], [0.99, 0.1, 0.95, 0.2], dataset="sst2")
+    rows = _rows([tmp_path])
+    assert [(r["source"], r["dataset"]) for r in rows] == [("ours", "mydata"), ("ours", "sst2"), ("paper", "sst2")]
+
+
 def test_bold_marks_the_best_of_our_unlearning_rows(tmp_path):
     d = tmp_path / "runs"
     # QLoRA is best on train_retain and test_forget but is a reference: never bold

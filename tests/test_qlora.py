@@ -58,13 +58,14 @@ def _args(folder):
 
 # ------------------------------------------------------------------ a finished run
 
-def test_run_folder_holds_adapter_tokenizer_arguments_and_log(memorised, tiny_llama):
+def test_run_folder_holds_adapter_tokenizer_arguments_and_log(memorised, tiny_llama, toy_dir):
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "arguments.json",
                  "training_log.json"):
         assert os.path.exists(os.path.join(memorised, name)), name
     info = _args(memorised)
     assert info["finished"] is True and info["stage"] == "qlora"
     assert info["model_name"] == tiny_llama  # later stages need only this folder
+    assert info["dataset"] == os.path.basename(toy_dir)  # own data keeps its folder's name (it was called sst2)
     assert info["target_modules_used"] == ["q_proj", "v_proj"]
     assert (info["lora_rank"], info["lora_alpha"], info["lora_dropout"], info["lora_bias"]) == (16, 64, 0.1, "none")
     assert (info["n_train_retain"], info["n_train_forget"], info["n_train_rows"]) == (24, 8, 32)

@@ -70,7 +70,7 @@ def test_selection_runs_without_any_test_file_and_records_its_choice(train_only)
     assert [c["settings"] for c in sel["candidates"]] == [{"lr": 1e-5}, {"lr": 1e-3}]
     assert all(c["n_retain_val"] == 6 and c["n_forget_val"] == 6 for c in sel["candidates"])  # 8 held-out rows, capped
     assert sel["chosen"] in [c["settings"] for c in sel["candidates"]]
-    assert sel["model"] and sel["dataset"] == "sst2" and "retain_val" in sel["parent"]
+    assert sel["model"] and sel["dataset"] == "data" and "retain_val" in sel["parent"]  # named after its folder
     assert sel["seeds"] == [42]  # the training seed of its runs: a table's runs of the choice take another
     # a second call reuses the finished runs
     again = run_script("scripts/select_settings.py", "--model_checkpoints", train_only / "qlora", "--method",

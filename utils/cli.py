@@ -17,11 +17,23 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, never as a stack trace."""
 
 
+# what to undo when the run is refused: the run folder it has just created, still empty of results
+_UNDO = []
+
+
+def on_user_error(undo):
+    """Call `undo()` when the running script stops on a UserError (run_main): a refused run leaves nothing behind."""
+    _UNDO.append(undo)
+
+
 def run_main(main):
     """Call `main()` and turn a UserError into `error: ...` on stderr with exit status 2."""
+    _UNDO.clear()
     try:
         main()
     except UserError as e:
+        for undo in reversed(_UNDO):
+            undo()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -82,6 +94,14 @@ def unit_interval(s):
     return v
 
 
+def open_unit_interval(s):
+    """(0, 1): a rate that must leave something on both sides (a false-positive rate, a held-out slice)."""
+    v = float(s)
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {s}")
+    return v
+
+
 def fraction(s):
     v = float(s)
     if not 0.0 < v <= 1.0:
@@ -119,8 +139,8 @@ def add_data_args(p, child=False):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None,
                    help="sst2, yelp (sentiment) or wmdp_bio (mcqa): the paper's hub datasets; a name for --data_dir's "
-                        "data otherwise (default: " + ("the parent stage's, else " if child else "") + "sst2; for --task "
-                        "mcqa wmdp_bio, or the --data_dir folder's name)")
+                        "data otherwise (default: " + ("the parent stage's, else " if child else "") + "the --data_dir folder's "
+                        "name, else sst2; for --task mcqa wmdp_bio)")
     g.add_argument("--task", choices=["sentiment", "mcqa"], default=None,
                    help="sentiment: text,label rows; mcqa: multiple-choice question,choices,answer rows answered by a "
                         "letter (default: " + ("the parent stage's, else " if child else "") + "mcqa for --dataset "
@@ -128,6 +148,9 @@ def add_data_args(p, child=False):
     g.add_argument("--data_dir", default=None,
                    help="folder with train_retain, train_forget, test_retain, test_forget as .csv, .jsonl or .parquet "
                         "(e.g. ../shared/data/sst2)" + (" (default: the parent stage's)" if child else ""))
+    if child:
+        add_bool(g, "--other_data", help="allow a --data_dir other than the parent stage's: its rows are then not ones "
+                                         "the parent trained on, and the parent's row caps are not applied")
     g.add_argument("--text_column", default=None if child else "text", help="column holding the text (sentiment)")
     g.add_argument("--label_column", default=None if child else "label",
                    help="column holding the label: an integer 0..n-1 or one of the label words (sentiment)")
@@ -201,7 +224,7 @@ def add_training_args(p, *, lr, epochs, warmup, batch=32):
 
 
 def check_training_args(args):
-    if args.num_epochs <= 0 and args.max_steps <= 0:
+    if not args.num_epochs > 0 and args.max_steps <= 0:  # also refuses nan
         raise UserError(f"--num_epochs must be positive, got {args.num_epochs}")
 
 

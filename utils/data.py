@@ -156,10 +156,12 @@ def default_task(dataset):
 
 
 def default_dataset(task, data_dir=None):
-    """The dataset name when --dataset is left out: sst2, or for mcqa wmdp_bio from the hub, or the data folder's name."""
-    if task != "mcqa":
-        return "sst2"
-    return os.path.basename(os.path.normpath(data_dir)) if data_dir else next(iter(QA_DATASETS))
+    """The dataset name when --dataset is left out: the data folder's name (a copy of the paper's data kept in a
+    folder named after it, such as ../shared/data/sst2, is that dataset), else the task's hub dataset (sst2;
+    mcqa: wmdp_bio). Own data is never called by a paper dataset's name it does not have."""
+    if data_dir:
+        return os.path.basename(os.path.normpath(os.path.abspath(data_dir)))
+    return next(iter(QA_DATASETS)) if task == "mcqa" else "sst2"
 
 
 def resolve_task(args):

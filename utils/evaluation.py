@@ -17,6 +17,18 @@ from .tasks import match_label
 N_BOOT, BOOT_SEED = 1000, 0
 
 
+def rows_to_score(counts, max_eval_rows=None, capped_training=False):
+    """The line said before a scoring pass: rows per split, and when nothing caps the test splits, that the
+    training caps (--max_retain / --max_forget) do not reach them and which flag does."""
+    line = f"scoring {sum(counts.values()):,} rows: " + ", ".join(f"{s} {n:,}" for s, n in counts.items())
+    if max_eval_rows is not None:
+        return line + f" (--max_eval_rows {max_eval_rows})"
+    if any(s.startswith("test_") for s in counts):
+        line += ("; the training caps (--max_retain, --max_forget) do not apply to the test splits" if capped_training
+                 else "; the test splits are scored whole") + ": --max_eval_rows N caps every split"
+    return line
+
+
 @torch.no_grad()
 def predict_rows(model, encoder, rows, batch_size=32, device="cpu", desc="scoring", quiet=False):
     """Score rows with `model(input_ids, attention_mask, keep=1)` (a TailLM or SoftPromptLM).

@@ -17,8 +17,8 @@ import shutil
 import sys
 import time
 
-from .cli import UserError, local_rank_zero
-from .data import resolve_task
+from .cli import UserError, local_rank_zero, on_user_error
+from .data import default_dataset, resolve_task
 
 DONE = "arguments.json"  # written last-updated with "finished": true
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -53,7 +53,7 @@ def global_batch(settings):
 
 
 # settings added after runs were written: what those runs had
-IMPLIED = {"task": "sentiment", "world_size": 1}
+IMPLIED = {"task": "sentiment", "world_size": 1, "other_data": False}
 
 
 def settings_diff(old, new):
@@ -168,9 +168,63 @@ def _barrier():
         PartialState().wait_for_everyone()
 
 
+# the fields of arguments.json that name a folder a run read, and what that folder was to it
+_READS = (("model_checkpoints", "the model folder {who} starts from"), ("model_name", "the base model folder of {who}"),
+          ("data_dir", "the data folder of {who}"))
+
+
+def chain_folders(args):
+    """[(absolute folder, what it is)]: the local folders a run reads (--model_checkpoints, --model_name, --data_dir)
+    and, through their arguments.json, every folder its parents read, back to the base model and the data."""
+    found, seen = [], set()
+    todo = [(getattr(args, k, None), role.format(who="this run")) for k, role in _READS]
+    while todo:
+        folder, role = todo.pop(0)
+        if not folder or not os.path.isdir(str(folder)) or os.path.realpath(folder) in seen:
+            continue
+        seen.add(os.path.realpath(folder))
+        found.append((os.path.abspath(folder), role))
+        info = read_json(os.path.join(folder, DONE)) or {}
+        todo += [(info.get(k), role.format(who=folder)) for k, role in _READS]
+    return found
+
+
+def check_chain(path, args):
+    """Refuse an --output_path that is, contains or lies inside a folder the run reads: --overwrite would delete
+    the model it starts from, or its data. Checked before anything is touched."""
+    out = os.path.realpath(path)
+    for folder, role in chain_folders(args):
+        real = os.path.realpath(folder)
+        if out == real:
+            relation = "is"
+        elif real.startswith(out.rstrip(os.sep) + os.sep):
+            relation = "contains"
+        elif out.startswith(real.rstrip(os.sep) + os.sep):
+            relation = "lies inside"
+        else:
+            continue
+        what = role if relation == "is" else f"{folder}, {role}"
+        raise UserError(f"--output_path {path} {relation} {what}: a run never writes where it reads; choose another "
+                        f"--output_path")
+
+
+def _disposable(path):
+    """A folder of an unfinished run that stopped before its first step: nothing in it is worth keeping."""
+    info = read_json(os.path.join(path, DONE)) or {}
+    return (os.path.isdir(path) and not info.get("finished") and not checkpoints(path)
+            and not os.path.exists(os.path.join(path, "training_log.json")))
+
+
+def _remove_if_disposable(path):
+    if local_rank_zero() and _disposable(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def prepare_run(path, args, stage):
     """Apply `decide` to --output_path: every process decides from the same folder state, then the first
-    process alone deletes or creates. Returns 'new', 'resume' or 'done' (the caller stops)."""
+    process alone deletes or creates. Returns 'new', 'resume' or 'done' (the caller stops). A folder it creates
+    is removed again when the run is refused before its first step (utils.cli.run_main)."""
+    check_chain(path, args)
     action, message = decide(path, settings_of(args, stage), args.overwrite, args.resume)
     if message and local_rank_zero():
         print(message, flush=True)
@@ -180,6 +234,8 @@ def prepare_run(path, args, stage):
             shutil.rmtree(path)
         if action != "done":
             os.makedirs(path, exist_ok=True)
+    if action in ("new", "replace"):
+        on_user_error(lambda: _remove_if_disposable(path))
     _barrier()
     return "new" if action == "replace" else action
 
@@ -222,16 +278,38 @@ def remove_checkpoints(path):
 # Data settings a stage takes from the folder it starts from when they are not given
 INHERITED = ("dataset", "task", "data_dir", "text_column", "label_column", "label_words", "max_length", "data_seed")
 DEFAULTS = {"text_column": "text", "label_column": "label", "max_length": 1024, "data_seed": 42}
+# the settings that describe the parent's rows: not taken when a stage reads other data (--other_data)
+PARENT_ROWS = ("dataset", "data_dir", "text_column", "label_column", "data_seed", "max_forget", "max_retain")
+
+
+def _other_data(args, parent, parent_name):
+    """True when --data_dir names other data than the parent trained on: an error unless --other_data allows it."""
+    mine, theirs = getattr(args, "data_dir", None), parent.get("data_dir")
+    if mine is None or not parent:
+        return False
+    if theirs is not None and os.path.realpath(mine) == os.path.realpath(theirs):
+        return False
+    if theirs is None and (args.dataset or default_dataset(None, mine)) == parent.get("dataset"):
+        return False  # a local copy of the hub dataset the parent trained on (a folder named sst2, or --dataset sst2)
+    trained = f"the folder {theirs}" if theirs else f"the hub dataset {parent.get('dataset')}"
+    if not getattr(args, "other_data", False):
+        raise UserError(f"--data_dir {mine} is not the data {parent_name} was trained on ({trained}); leave --data_dir "
+                        f"out to use that, or pass --other_data to use these rows anyway")
+    print(f"warning: --other_data: the rows of {mine} are not ones {parent_name} trained on ({trained}); its row caps "
+          f"are not applied", file=sys.stderr)
+    return True
 
 
 def inherit(args, parent, parent_name, quiet=False):
     """Fill the data flags left out (None) with the parent's (its arguments.json `parent`, {} for a pre-trained
-    model), else the defaults; refuse contradictions that would unlearn rows the model never saw. Says in one
-    line what was taken. Local paths are made absolute, so the run works from any working directory."""
+    model), else the defaults; refuse contradictions that would unlearn rows the model never saw, and another
+    data folder than the parent's unless --other_data says so. Says in one line what was taken and which data
+    folder is read. Local paths are made absolute, so the run works from any working directory."""
     taken = []
+    other = _other_data(args, parent, parent_name)
     for k in INHERITED:
         mine, theirs = getattr(args, k, None), parent.get(k)
-        if theirs is None:
+        if theirs is None or (other and k in PARENT_ROWS):
             continue
         if mine is None:
             setattr(args, k, theirs)
@@ -242,14 +320,12 @@ def inherit(args, parent, parent_name, quiet=False):
             raise UserError(f"{parent_name} was fine-tuned with the label words {theirs}, not {mine}")
         elif k == "max_length" and mine > theirs:
             print(f"warning: --max_length {mine} is longer than {parent_name} was trained with ({theirs})", file=sys.stderr)
-        elif k == "data_dir" and os.path.abspath(mine) != os.path.abspath(theirs):
-            print(f"warning: --data_dir {mine} is not the folder {parent_name} was trained on ({theirs})", file=sys.stderr)
         elif k == "data_seed" and mine != theirs:
             print(f"warning: --data_seed {mine} differs from {parent_name}'s ({theirs}): capped rows are then not the "
                   f"rows it trained on", file=sys.stderr)
     for cap, split in (("max_forget", "forget"), ("max_retain", "retain")):
         theirs = parent.get(cap)
-        if theirs is not None and hasattr(args, cap):
+        if theirs is not None and hasattr(args, cap) and not other:
             if getattr(args, cap) is None:
                 setattr(args, cap, theirs)
                 taken.append(f"{cap}={theirs}")
@@ -265,8 +341,23 @@ def inherit(args, parent, parent_name, quiet=False):
             where = f"that {parent_name} was trained on " if parent.get("data_dir") == args.data_dir else ""
             raise UserError(f"the data folder {args.data_dir} {where}does not exist" + (" (pass --data_dir)" if where else ""))
         args.data_dir = os.path.abspath(args.data_dir)
-    if taken and not quiet:
-        print(f"following {parent_name}: {', '.join(taken)}", flush=True)
+    if parent and not quiet:
+        # the data folder always, given or taken: other data than the parent's must not pass unseen
+        data = f"data_dir={args.data_dir}" if args.data_dir else f"the hub dataset {args.dataset}"
+        data += " (not its data: --other_data)" if other else ""
+        print(f"following {parent_name}: {', '.join([data] + [t for t in taken if not t.startswith('data_dir=')])}",
+              flush=True)
+    return args
+
+
+def recorded_dataset(args, path):
+    """--resume with --dataset left out, for a --data_dir whose run in `path` was written when a data folder was still
+    called sst2: that name, so that the run resumes instead of differing in its dataset only."""
+    old = read_json(os.path.join(path, DONE)) if path and getattr(args, "resume", False) else None
+    if (args.dataset is None and args.data_dir and old and old.get("dataset") == "sst2" and old.get("data_dir")
+            and os.path.realpath(old["data_dir"]) == os.path.realpath(args.data_dir)
+            and "--dataset" not in str(old.get("command", ""))):
+        args.dataset = "sst2"
     return args
 
 

@@ -10,6 +10,7 @@ Every returned model has the `model(input_ids, attention_mask, keep=K)` interfac
 A broken chain (missing folder, unfinished run, adapter of another base model) is a one-line UserError.
 """
 import os
+import re
 from typing import NamedTuple
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from .cli import UserError, comma_list
 from .modeling import EMBEDDED, EMBEDDED_ALIASES, check_adapter_base, load_merged_model, load_model, load_tokenizer, read_arguments
+from .runs import CHECKPOINT_PREFIX, read_json
 
 
 class Stage(NamedTuple):
@@ -25,12 +27,29 @@ class Stage(NamedTuple):
     info: dict  # method, model (base model name), stage, checkpoint, arguments, encoder_kwargs
 
 
-def _looks_like_path(name):
+def looks_like_path(name):
     """A name that can only mean a local folder (a hub id is 'owner/name' with no leading ./ or /)."""
     name = str(name)
     first = name.replace("\\", "/").split("/")[0]
     return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
             or ("/" in name and os.path.isdir(first)))
+
+
+def refuse_intermediate(name):
+    """A checkpoint-N folder inside a run folder is a training state the Trainer saved, not a stage: no
+    arguments.json of its own, so without this it would be taken for a hub name or a bare model. Known by its name
+    and by what it holds (utils.training.TRAINABLE_FILE) or the run folder around it."""
+    name = str(name)
+    folder, base = os.path.split(os.path.normpath(name))
+    if not (os.path.isdir(name) and re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"\d+", base)):
+        return
+    if not any(os.path.exists(f) for f in (os.path.join(name, "trainable.safetensors"), os.path.join(folder, "arguments.json"))):
+        return
+    run = folder or "."
+    done = (read_json(os.path.join(run, "arguments.json")) or {}).get("finished")
+    how = (f"use the finished run {run}" if done else
+           f"finish the run in {run} first (its own command with --resume), then use {run}")
+    raise UserError(f"{name} is an intermediate checkpoint of a run, not a stage: {how}")
 
 
 def _read_finished(folder, expected=None):
@@ -56,7 +75,7 @@ def _parent(folder, info):
     if os.path.isdir(parent) and os.path.exists(os.path.join(parent, "arguments.json")):
         return parent, _read_finished(parent, ("qlora",))
     embedded = EMBEDDED_ALIASES.get(parent.lower(), parent.lower()) in EMBEDDED
-    if not os.path.isdir(parent) and not embedded and _looks_like_path(parent):
+    if not os.path.isdir(parent) and not embedded and looks_like_path(parent):
         raise UserError(f"the folder {parent} that {folder} was trained from does not exist")
     return parent, None
 
@@ -84,6 +103,7 @@ def start_point(name, stage):
     folder, or {} for a pre-trained model (hub id, model folder, embedded name). Checked before any data or
     model is loaded: a missing folder is reported as such, not as a failed hub download."""
     name = str(name)
+    refuse_intermediate(name)
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "arguments.json")):
         info = read_arguments(name)
         if info.get("stage") != "qlora":
@@ -96,7 +116,7 @@ def start_point(name, stage):
         return {}
     if EMBEDDED_ALIASES.get(name.lower(), name.lower()) in EMBEDDED:
         return {}
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise UserError(f"--model_checkpoints {name} does not exist")
     try:
         load_tokenizer(name)
@@ -122,8 +142,9 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False, shared_prefi
     from .training import TailLM
 
     name = str(path_or_name)
+    refuse_intermediate(name)
     embedded = EMBEDDED_ALIASES.get(name.lower(), name.lower()) in EMBEDDED
-    if not embedded and not os.path.isdir(name) and _looks_like_path(name):
+    if not embedded and not os.path.isdir(name) and looks_like_path(name):
         raise UserError(f"checkpoint folder {name} does not exist")
 
     # a pre-trained model: hub id, embedded name, or a model folder that no stage of ours wrote
@@ -207,8 +228,9 @@ def stage_arguments(path_or_name):
     """The arguments.json of a stage folder ({} for a pre-trained model): read before any model is loaded,
     so that the data settings the stage used are known early."""
     name = str(path_or_name)
+    refuse_intermediate(name)
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "arguments.json")):
         return _read_finished(name)
-    if not os.path.isdir(name) and _looks_like_path(name) and EMBEDDED_ALIASES.get(name.lower(), name.lower()) not in EMBEDDED:
+    if not os.path.isdir(name) and looks_like_path(name) and EMBEDDED_ALIASES.get(name.lower(), name.lower()) not in EMBEDDED:
         raise UserError(f"checkpoint folder {name} does not exist")
     return {}

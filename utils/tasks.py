@@ -101,7 +101,10 @@ class Sentiment(Task):
     cue = "\n\n### Question: What is the sentiment of the given text?\n\n### Sentiment:"
 
     def read_rows(self, df, where, label_words, text_column="text", label_column="label"):
-        _missing_columns(df, where, (text_column, label_column), "; name yours with --text_column / --label_column")
+        multiple_choice = set(MultipleChoice.columns) <= set(df.columns)
+        _missing_columns(df, where, (text_column, label_column),
+                         "; these are multiple-choice rows (question, choices, answer): pass --task mcqa" if multiple_choice
+                         else "; name yours with --text_column / --label_column")
         index = {w.lower(): i for i, w in enumerate(label_words)}
         rows = []
         for i, (text, label) in enumerate(zip(df[text_column].tolist(), df[label_column].tolist())):
@@ -154,7 +157,9 @@ class MultipleChoice(Task):
     columns = ("question", "choices", "answer")
 
     def read_rows(self, df, where, label_words, text_column="text", label_column="label"):
-        _missing_columns(df, where, self.columns, " (multiple-choice rows hold question, choices and answer)")
+        sentiment = {text_column, label_column} <= set(df.columns)
+        _missing_columns(df, where, self.columns, "; these are sentiment rows (text, label): leave out --task mcqa"
+                         if sentiment else " (multiple-choice rows hold question, choices and answer)")
         index = {w.lower(): i for i, w in enumerate(label_words)}
         rows = []
         for i, (q, cell, answer) in enumerate(zip(*(df[c].tolist() for c in self.columns))):

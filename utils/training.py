@@ -106,7 +106,11 @@ def training_arguments(args, output_dir, **overrides):
         dataloader_num_workers=0,
     )
     kw.update(overrides)
-    return one_gpu_unless_launched(TrainingArguments(**kw))
+    try:
+        targs = TrainingArguments(**kw)
+    except ValueError as e:  # a value the flags' types cannot check alone: --lr_scheduler_type, --report_to, ...
+        raise UserError(f"bad training arguments: {str(e).splitlines()[0][:300]}")
+    return one_gpu_unless_launched(targs)
 
 
 def one_gpu_unless_launched(targs):
