@@ -110,6 +110,35 @@ def test_abbreviated_flags_are_refused_and_help_shows_defaults(script):
     assert proc.returncode == 2 and "unrecognized arguments: --output_pat" in proc.stderr, proc.stderr[-500:]
     helptext = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=ROOT).stdout
     assert "--output_path" in helptext and "(default:" in helptext
+    # every flag says its default, a flag without help text too
+    blocks = _flag_blocks(helptext)
+    silent = [flag for flag, text in blocks.items() if flag != "-h" and "default" not in text]
+    assert blocks and not silent, silent
+    # a stage's data flags left out are its parent's, not "none"
+    if script in ("spul.py", "eco.py", "baselines.py", "inference_spul.py"):
+        for flag in ("--text_column", "--label_column", "--data_seed", "--max_length", "--data_dir"):
+            assert "(default: the parent stage's" in blocks[flag], (flag, blocks[flag])
+    # boolean flags read alike: [BOOL], never [NAME]
+    import re
+
+    assert {m for text in blocks.values() for m in re.findall(r"^-\S+ \[([A-Z_]+)\]", text)} <= {"BOOL"}
+
+
+def _flag_blocks(helptext):
+    """{first flag name: its usage and help text, whitespace collapsed} from an argparse --help."""
+    import re
+
+    blocks, flag = {}, None
+    for line in helptext.split("options:", 1)[-1].splitlines():
+        m = re.match(r"  (-{1,2}\w+)", line)
+        if m:
+            flag = m.group(1)
+            blocks[flag] = line
+        elif flag and line.startswith("    "):
+            blocks[flag] += line
+        else:
+            flag = None
+    return {f: " ".join(t.split()) for f, t in blocks.items()}
 
 
 def test_canonical_names_and_old_spellings():
