@@ -394,7 +394,8 @@ def main():
                         "jobs": args.jobs, "threads_per_job": threads, "last_run_wall_s": round(time.time() - t0, 1)})
     results = [j.output for j in jobs if j.output.endswith("results.json")]
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tables.py"), *results,
-                    f"--output_path={os.path.join(args.out, 'table')}"], cwd=ROOT, check=True)
+                    f"--output_path={os.path.join(args.out, 'table')}", "--overwrite"],  # regenerated on every run
+                   cwd=ROOT, check=True)
     print(f"\ndemo finished in {time.time() - t0:.0f} s; table in {os.path.join(args.out, 'table.md')}")
 
 
