@@ -1,4 +1,4 @@
-"""Stage 1: QLoRA fine-tuning so that the model memorises train_retain ∪ train_forget (paper §4.1).
+r"""Stage 1: QLoRA fine-tuning so that the model memorises train_retain ∪ train_forget (paper §4.1).
 
     python qlora.py --dataset=sst2 --model_name=meta-llama/Llama-2-7b-hf --max_length=1024 --set_pad_id \
         --lr=1e-4 --train_batch_size=32 --num_epochs=10 --output_path=runs/qlora-sst2

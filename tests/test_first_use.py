@@ -190,3 +190,18 @@ def test_a_run_folder_says_what_it_holds(tiny_qlora):
     with open(os.path.join(tiny_qlora, "README.md")) as f:
         text = f.read()
     assert "LoRA adapter" in text and "inference_spul.py --model_checkpoints=" in text
+
+
+def test_usage_examples_read_as_written():
+    """A usage example continued with a backslash reads as two lines in --help, not one line with a run of spaces
+    (a backslash-newline in a plain docstring joins the lines)."""
+    import ast
+    import glob
+    import re
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "scripts", "*.py"))):
+        doc = ast.get_docstring(ast.parse(open(path).read()), clean=False) or ""
+        for line in doc.splitlines():
+            command = line.strip().split("  #")[0].rstrip()  # an aligned comment may follow
+            if command.startswith(("python ", "accelerate ", "torchrun ")):
+                assert not re.search(r"\S {2,}\S", command), (path, line)
