@@ -521,13 +521,13 @@ def _err(v, ci, sd):
     return None
 
 
-def spread_coincident(points):
+def spread_coincident(points, others=()):
     """Small offsets that set apart points drawn at the same place (a smoke run's methods often score alike): each group
-    of k > 1 equal points on a circle of 1 % of the plotted span (at least 0.1 points). Returns the offsets and how
-    many points were moved."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    of k > 1 equal points on a circle of 2.5 % of the plotted span (at least 0.25 points), about a marker's width, so
+    that each marker shows. Returns the offsets and how many points were moved."""
+    xs, ys = [p[0] for p in [*points, *others]], [p[1] for p in [*points, *others]]  # the span of every point drawn
     span = max([max(xs) - min(xs), max(ys) - min(ys), 10.0]) if points else 10.0
-    radius = 0.01 * span
+    radius = 0.025 * span
     groups = {}
     for i, (x, y) in enumerate(points):
         groups.setdefault((round(x, 6), round(y, 6)), []).append(i)
@@ -559,7 +559,7 @@ def tradeoff_figure(rows):
     fig = Figure(figsize=(7.0, 5.0))
     ax = fig.add_subplot()
     bars = set()
-    offsets, shifted = spread_coincident([xy(r) for r in ours])
+    offsets, shifted = spread_coincident([xy(r) for r in ours], [xy(r) for r in papers])
     for r, (dx, dy) in zip(ours, offsets):
         (x, y), (color, marker) = xy(r), style[r["label"]]
         x, y = x + dx, y + dy
