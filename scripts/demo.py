@@ -312,7 +312,8 @@ def stop_all(running):
 
 
 def run_jobs(jobs, n_jobs, log_dir, threads):
-    """run_jobs with the running stages stopped when the demo is (Ctrl-C or SIGTERM)."""
+    """Run `jobs` (_run_jobs); on Ctrl-C or SIGTERM the running stages are stopped before the interruption goes on,
+    so that no stage keeps training after the demo has ended."""
     running = {}
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
