@@ -89,8 +89,8 @@ SCALES = {
         eco=dict(search_rows=16, search_rounds=5),
         methods="gradient_ascent_descent",
         select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]), max_eval_rows=32)),
-    # A pipeline check in minutes (any model; 908 s measured with the embedded model on a 2-core CPU shared with other
-    # jobs, load average ~10: 2-4.5 min a stage, mostly start-up and loading; README): qlora,
+    # A pipeline check in minutes (any model; with the embedded model 111 s measured on a 2-core CPU with little else
+    # running, 15-33 s a stage, mostly start-up and loading; 15 min under load average ~10; README): qlora,
     # SPUL, one baseline and ECO, each for a step or two on a handful of rows, and their evaluations on 4 rows per
     # split. The vanilla and retrained references are skipped (--skip= runs them; --methods adds baselines).
     "smoke": dict(
