@@ -51,9 +51,10 @@ def parse_args(argv=None):
     g.add_argument("--kl_topk", type=positive_int, default=32, help="k of the compact KL cache")
     g = p.add_argument_group("LoRA instead of full fine-tuning")
     add_bool(g, "--lora", help="train a LoRA adapter on the merged model instead of all its weights")
-    g.add_argument("--lora_rank", type=positive_int, default=16)
-    g.add_argument("--lora_alpha", type=positive_int, default=64)
-    g.add_argument("--lora_dropout", type=unit_interval, default=0.1)
+    g.add_argument("--lora_rank", type=positive_int, default=16, help="rank r of the LoRA matrices")
+    g.add_argument("--lora_alpha", type=positive_int, default=64,
+                   help="LoRA scaling numerator: updates are scaled by lora_alpha / lora_rank")
+    g.add_argument("--lora_dropout", type=unit_interval, default=0.1, help="LoRA dropout")
     g.add_argument("--target_modules", default=None, help="comma-separated module names (default: the attention q/v projections)")
     g = p.add_argument_group("LLMU weights")
     g.add_argument("--llmu_ga_weight", type=nonneg_float, default=0.5, help="gradient ascent on forget rows (0.5, as Yao et al.)")

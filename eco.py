@@ -1,4 +1,4 @@
-"""ECO: embedding-corrupted prompts (Liu et al., arXiv 2406.07933), weight-free unlearning on the qlora.py model.
+r"""ECO: embedding-corrupted prompts (Liu et al., arXiv 2406.07933), weight-free unlearning on the qlora.py model.
 
     python eco.py --model_checkpoints=runs/qlora-sst2 --data_dir=../shared/data/sst2 --max_retain=2000 \
         --target_fpr=0.05 --output_path=runs/eco-sst2

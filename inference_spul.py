@@ -39,8 +39,8 @@ def parse_args(argv=None):
     g.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to evaluate (default: all four)")
     g.add_argument("--max_eval_rows", type=positive_int, default=None, help="cap on rows per split (seeded draw)")
     g.add_argument("--eval_batch_size", type=positive_int, default=32, help="rows per forward pass")
-    g.add_argument("--generate", type=str2bool, nargs="?", const=True, default=None,
-                   help="also score by greedy generation, the paper's protocol for the pre-trained model "
+    add_bool(g, "--generate", default=None,
+             help="also score by greedy generation, the paper's protocol for the pre-trained model "
                         "(default: on for a pre-trained model, off otherwise)")
     g.add_argument("--max_new_tokens", type=positive_int, default=5, help="tokens generated per answer with --generate")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA if supported, else fp32")

@@ -1,4 +1,4 @@
-"""Stage 1: QLoRA fine-tuning so that the model memorises train_retain ∪ train_forget (paper §4.1).
+r"""Stage 1: QLoRA fine-tuning so that the model memorises train_retain ∪ train_forget (paper §4.1).
 
     python qlora.py --dataset=sst2 --model_name=meta-llama/Llama-2-7b-hf --max_length=1024 --set_pad_id \
         --lr=1e-4 --train_batch_size=32 --num_epochs=10 --output_path=runs/qlora-sst2
@@ -22,8 +22,9 @@ def parse_args(argv=None):
     add_training_args(p, lr=1e-4, epochs=10, warmup=0.05)
     g = p.add_argument_group("LoRA / quantization")
     g.add_argument("--quantization", choices=["nf4", "none"], default="nf4", help="4-bit NF4 base (QLoRA) or full precision")
-    g.add_argument("--lora_rank", type=positive_int, default=16)
-    g.add_argument("--lora_alpha", type=positive_int, default=64)
+    g.add_argument("--lora_rank", type=positive_int, default=16, help="rank r of the LoRA matrices")
+    g.add_argument("--lora_alpha", type=positive_int, default=64,
+                   help="LoRA scaling numerator: updates are scaled by lora_alpha / lora_rank")
     g.add_argument("--lora_dropout", "--lora_fropout", dest="lora_dropout", type=unit_interval, default=0.1,
                    help="LoRA dropout (--lora_fropout, the released scripts' spelling, is accepted too)")
     g.add_argument("--lora_bias", default="none", choices=["none", "all", "lora_only"])

@@ -1,6 +1,6 @@
 """Stage 2: SPUL, soft-prompt unlearning on the frozen merged model (paper §3).
 
-    python spul.py --dataset=sst2 --model_checkpoints=runs/qlora-sst2 --ptuning_num_tokens=30 --alpha=0.5 --beta=0.5
+    python spul.py --dataset=sst2 --model_checkpoints=runs/qlora-sst2 --ptuning_num_tokens=30 --alpha=1.0 --beta=0.5
     accelerate launch spul.py ...     # several GPUs: the same objective as one GPU with their global batch
 
 Merges the QLoRA adapter of --model_checkpoints into the full-precision base (or takes a pre-trained model

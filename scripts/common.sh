@@ -90,5 +90,5 @@ evaluate() {
 
 tables() {  # tables OUTPREFIX PAPER_KEY RUN_DIRS...: PAPER_KEY is a key of data/paper_tables.json, or none
   local prefix=$1 paper=$2; shift 2
-  python scripts/make_tables.py "$@" --output_path="$prefix" --paper="$paper"
+  python scripts/make_tables.py "$@" --output_path="$prefix" --paper="$paper" --overwrite  # the recipe regenerates its table
 }

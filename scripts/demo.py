@@ -9,8 +9,10 @@ by default, table in runs/demo-mcqa/table.md.
 
 Stages that do not depend on each other run side by side (--jobs, default 2 on a machine with two or
 more cores, each with its share of the cores): on a 2-core CPU that is ~20 % more work per second
-than one stage on both cores, and it hides each process's start-up. Each stage's output goes to
-runs/demo/logs/STAGE.log; the terminal shows one progress bar over the stages.
+than one stage on both cores, and it hides each process's start-up; OMP_NUM_THREADS, when set, caps each
+stage's threads. Each stage's output is appended to runs/demo/logs/STAGE.log (a re-run keeps the earlier
+lines); the terminal shows one progress bar over the stages; timings.json keeps every run's stage times.
+Ctrl-C (or SIGTERM) stops the running stages too.
 Re-running resumes: every stage runs with --resume --overwrite, so a stage whose folder holds a finished
 run of the same settings is kept, an unfinished one continues from its last checkpoint, and one made with
 other settings (another --scale or --model_name, an edited recipe) is run again. Each scale writes to its
@@ -19,6 +21,7 @@ finish within ~30 minutes (mcqa: ~15) on a 2-core CPU; see README for the figure
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,8 +89,12 @@ SCALES = {
         eco=dict(search_rows=16, search_rounds=5),
         methods="gradient_ascent_descent",
         select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]), max_eval_rows=32)),
-    # A pipeline check in a minute or two (any model): every stage for a step or two on a handful of rows.
+    # A pipeline check in minutes (any model; with the embedded model 111 s measured on a 2-core CPU with little else
+    # running, 15-33 s a stage, mostly start-up and loading; 15 min under load average ~10; README): qlora,
+    # SPUL, one baseline and ECO, each for a step or two on a handful of rows, and their evaluations on 4 rows per
+    # split. The vanilla and retrained references are skipped (--skip= runs them; --methods adds baselines).
     "smoke": dict(
+        methods="gradient_ascent_descent", skip="vanilla,retrained",
         sizes=dict(max_retain=12, max_forget=6, max_length=64),
         eval=dict(max_eval_rows=4),
         qlora=dict(num_epochs=1, train_batch_size=6, lr=1e-3),
@@ -291,14 +298,70 @@ def selection_seeds_here(args, path, selected):
     return {m: selection_seeds(path, m) for m in selected}
 
 
+def threads_per_job(n_jobs, environ=os.environ, cores=None):
+    """Each stage's share of the cores, never more than OMP_NUM_THREADS when the user set it."""
+    share = max(1, (cores or os.cpu_count() or 1) // n_jobs)
+    given = environ.get("OMP_NUM_THREADS", "")
+    return min(share, int(given)) if given.isdigit() and int(given) > 0 else share
+
+
+def record_timings(path, seconds, jobs, threads, wall):
+    """timings.json: the latest wall seconds of every stage (a resumed run keeps the figures of the stages it kept),
+    and the history of runs, each with the stages it ran."""
+    earlier = read_json(path) or {}
+    run = {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "stages_s": {k: round(v, 1) for k, v in seconds.items()},
+           "jobs": jobs, "threads_per_job": threads, "wall_s": round(wall, 1)}
+    save_json(path, {"stages_s": {**earlier.get("stages_s", {}), **run["stages_s"]}, "jobs": jobs,
+                     "threads_per_job": threads, "last_run_wall_s": run["wall_s"], "runs": [*earlier.get("runs", []), run]})
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the running stages are stopped too."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
+def stop_all(running):
+    """Terminate the running stages (then kill what still runs after 10 s)."""
+    for proc, *_ in running.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc, job, log, _ in running.values():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.write("\n[stopped: the demo was interrupted]\n")
+        log.close()
+
+
 def run_jobs(jobs, n_jobs, log_dir, threads):
+    """Run `jobs` (_run_jobs); on Ctrl-C or SIGTERM the running stages are stopped before the interruption goes on,
+    so that no stage keeps training after the demo has ended."""
+    running = {}
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _run_jobs(jobs, n_jobs, log_dir, threads, running)
+    except KeyboardInterrupt:
+        names = ", ".join(running)
+        stop_all(running)
+        print(f"\ndemo interrupted; stopped {names or 'no running stage'}; run it again to resume", file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_jobs(jobs, n_jobs, log_dir, threads, running):
     """Run `jobs`, at most n_jobs at a time, each after the jobs it needs. A stage that finds its finished run
     (or results) of the same settings says so and stops at once: it counts as kept, not run."""
     from tqdm.auto import tqdm
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending, done, kept = deque(jobs), set(), []
-    running, failed, seconds, shown = {}, None, {}, None
+    failed, seconds, shown, start = None, {}, None, {}
     bar = tqdm(total=len(jobs), desc="demo", unit="stage", dynamic_ncols=True, mininterval=5)
     while pending or running:
         while not failed and len(running) < n_jobs:
@@ -306,10 +369,12 @@ def run_jobs(jobs, n_jobs, log_dir, threads):
             if job is None:
                 break
             pending.remove(job)
-            log = open(os.path.join(log_dir, job.name.replace(" ", "_") + ".log"), "w")
+            # appended: a re-run that keeps a finished stage leaves its training log above the "nothing to do"
+            log = open(os.path.join(log_dir, job.name.replace(" ", "_") + ".log"), "a")
             cmd = [sys.executable, os.path.join(ROOT, job.script), *job.args]
-            log.write("$ " + " ".join(cmd) + "\n")
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}\n$ " + " ".join(cmd) + "\n")
             log.flush()
+            start[job.name] = os.path.getsize(log.name)
             running[job.name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
                                  job, log, time.time())
         if shown != list(running):  # redraw only when the running stages change
@@ -328,7 +393,8 @@ def run_jobs(jobs, n_jobs, log_dir, threads):
             done.add(name)
             bar.update(1)
             with open(log.name) as f:
-                said = f.read()
+                f.seek(start[name])
+                said = f.read()  # this run's lines only
             if any(k in said for k in KEPT) and not job.name.startswith("select "):
                 kept.append(name)
                 continue
@@ -356,10 +422,13 @@ def main():
                         "runs/demo-mcqa-<scale> for --task mcqa)")
     p.add_argument("--methods", default=None,
                    help="baselines to run (comma-separated; default: every one, or the scale's own list)")
-    p.add_argument("--skip", default="", help="comma-separated stages to skip (vanilla, retrained, baselines, eco)")
+    p.add_argument("--skip", default=None,
+                   help="comma-separated stages to skip (vanilla, retrained, baselines, eco; default: none, at the smoke "
+                        "scale vanilla,retrained; --skip= runs every stage)")
     p.add_argument("--scale", choices=sorted(SCALES), default=None,
                    help="demo: the sizes of README's table (the default; mcqa for --task mcqa); large: the two-hour CPU "
-                        "table of docs/cpu_scale_table.md; smoke: a one-minute check that every stage runs")
+                        "table of docs/cpu_scale_table.md; smoke: a check in minutes that qlora, SPUL, one baseline, "
+                        "ECO and their evaluations run (a step or two each)")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="stages run side by side")
     p.add_argument("--seeds", default="",
                    help="more training seeds of --seed_methods; each stage's own seed is 42, or 1 where its selection "
@@ -377,6 +446,7 @@ def main():
         p.error(f"--scale {args.scale} is the {'mcqa' if args.scale == 'mcqa' else 'sentiment'} task's scale "
                 f"(--task {args.task} has its own: leave --scale out)")
     args.methods = args.methods or default_methods(args.scale, args.select)
+    args.skip = SCALES[args.scale].get("skip", "") if args.skip is None else args.skip
     bad = [m for m in filter(None, args.methods.split(",")) if m not in BASELINES]
     if bad:
         p.error(f"unknown method {', '.join(bad)} in --methods: choose from {', '.join(BASELINES)}")
@@ -403,7 +473,7 @@ def main():
     else:
         selected = read_selected(args, args.selection, explicit)
         jobs = plan(args, scale_of(args), selected, selection_seeds_here(args, args.selection, selected))
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = threads_per_job(args.jobs)
     print(f"{len(jobs)} stages, {args.jobs} at a time, {threads} thread(s) each; logs in {os.path.join(args.out, 'logs')}",
           flush=True)
     failed, seconds = run_jobs(jobs, args.jobs, os.path.join(args.out, "logs"), threads)
@@ -417,14 +487,12 @@ def main():
         record_selection(args, jobs, args.selection)
         return
 
-    # wall seconds of each stage (a resumed run keeps the figures of the stages it skipped), for README's figures
-    timings = os.path.join(args.out, "timings.json")
-    earlier = (read_json(timings) or {}).get("stages_s", {})
-    save_json(timings, {"stages_s": {**earlier, **{k: round(v, 1) for k, v in seconds.items()}},
-                        "jobs": args.jobs, "threads_per_job": threads, "last_run_wall_s": round(time.time() - t0, 1)})
+    # wall seconds of each stage, for README's figures
+    record_timings(os.path.join(args.out, "timings.json"), seconds, args.jobs, threads, time.time() - t0)
     results = [j.output for j in jobs if j.output.endswith("results.json")]
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tables.py"), *results,
-                    f"--output_path={os.path.join(args.out, 'table')}"], cwd=ROOT, check=True)
+                    f"--output_path={os.path.join(args.out, 'table')}", "--overwrite"],  # regenerated on every run
+                   cwd=ROOT, check=True)
     print(f"\ndemo finished in {time.time() - t0:.0f} s; table in {os.path.join(args.out, 'table.md')}")
 
 

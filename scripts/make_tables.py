@@ -14,7 +14,7 @@ data/paper_tables.json (--paper; regenerate it with scripts/paper_tables.py).
 Writes PREFIX.md, PREFIX.csv (every figure with its interval bounds, standard deviations and the
 per-seed rows) and PREFIX.png (train_forget accuracy against test_retain accuracy, error bars from the
 intervals). --output_path is a file prefix; an existing folder or a path ending in '/' gets
-FOLDER/table.md, FOLDER/table.csv, FOLDER/table.png.
+FOLDER/table.md, FOLDER/table.csv, FOLDER/table.png. An existing table is replaced only with --overwrite.
 
 Fields read from results.json: method, model, dataset, task (sentiment when absent), forget_size, metrics
 (accuracy, f1 and their *_ci, n and chance per split), generation (same), mia_auc, mia_auc_ci, and for
@@ -33,7 +33,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from utils.cli import UserError, run_main  # noqa: E402
+from utils.cli import UserError, add_bool, run_main  # noqa: E402
 
 SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
 # the paper's row order first, then the methods beyond it
@@ -62,7 +62,15 @@ def parse_args(argv=None):
                         "ending in '/' writes FOLDER/table.md etc.")
     p.add_argument("--paper", default="table2_llama2_7b",
                    help="which of the paper's tables to print beside ours (a key of data/paper_tables.json, or none)")
+    add_bool(p, "--overwrite", help="replace PREFIX.md, PREFIX.csv and PREFIX.png when they exist (else refused)")
     return p.parse_args(argv)
+
+
+def check_free(prefix, overwrite):
+    """A table is replaced only with --overwrite, as a run folder is."""
+    there = [prefix + ext for ext in (".md", ".csv", ".png") if os.path.exists(prefix + ext)]
+    if there and not overwrite:
+        raise UserError(f"{there[0]} already exists: pass --overwrite to replace the table, or choose another --output_path")
 
 
 def output_prefix(path):
@@ -304,10 +312,25 @@ def _add_labels(rows):
         for r in same:
             extra = ", ".join(f"{k}={f(r)}" for k, f in vary)
             r["label"] = f"{name} [{extra}]" if extra else name
-    labels = [r["label"] for r in rows]
+    same = {}
     for r in rows:
-        if labels.count(r["label"]) > 1:
-            r["label"] += f" [{os.path.basename(r['runs'][0])}]"
+        same.setdefault(r["label"], []).append(r)
+    for group in same.values():
+        if len(group) > 1:
+            for r, tag in zip(group, run_tags([r["runs"][0] for r in group])):
+                r["run_tag"] = tag
+                r["label"] += f" [{tag}]"
+
+
+def run_tags(folders):
+    """The shortest tails of the run folders' paths that tell them apart (runs/demo-smoke/qlora and runs/demo/qlora:
+    demo-smoke/qlora and demo/qlora)."""
+    parts = [os.path.normpath(f).split(os.sep) for f in folders]
+    for k in range(1, max(map(len, parts)) + 1):
+        tags = ["/".join(p[-k:]) for p in parts]
+        if len(set(tags)) == len(tags):
+            return tags
+    return tags
 
 
 # ---------------------------------------------------------------- Markdown and CSV
@@ -363,6 +386,14 @@ def _cell(v, ci, sd, digits, ci_digits, bold):
     return s
 
 
+def small_counts(small):
+    """The rows scored per split of the rows under MIN_ROWS, as the n column writes them: 'n = 4' or
+    'n = 32/6/32/32 (train_retain/train_forget/test_retain/test_forget)'."""
+    counts = list(dict.fromkeys(_n_text(r["n"]) for r in small))
+    order = " (" + "/".join(SPLITS) + ")" if any("/" in c for c in counts) else ""
+    return "n = " + ", ".join(counts) + order
+
+
 def to_markdown(rows, paper):
     best = best_cells(rows)
     ours = [r for r in rows if r["source"] == "ours"]
@@ -370,14 +401,15 @@ def to_markdown(rows, paper):
     lines = []
     if small:
         which = "every row was" if len(small) == len(ours) else f"{len(small)} of the {len(ours)} rows were"
-        lines += [f"> **Pipeline check, not a result:** {which} scored on fewer than {MIN_ROWS} rows per split "
-                  f"(column n); the figures below only show that the pipeline runs.", ""]
+        lines += [f"> **Pipeline check, not a result:** {which} scored on fewer than {MIN_ROWS} rows in at least one "
+                  f"split ({small_counts(small)}); the figures below only show that the pipeline runs.", ""]
     head = "| Method | Model | Data | τ | n | " + " | ".join(f"{s} ACC | {s} F1" for s in SPLITS) + " | MIA AUC | Run |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for i, r in enumerate(rows):
         if r["source"] == "seed":
             continue
-        name = f"*{r['name']}*" if r["source"] == "paper" else r["name"]
+        # rows of one method that nothing else tells apart (e.g. a smoke demo's and a hand run's) name their run folder
+        name = f"*{r['name']}*" if r["source"] == "paper" else r["name"] + (f" [{r['run_tag']}]" if r.get("run_tag") else "")
         cells = []
         for si in range(len(SPLITS)):
             for j in range(2):
@@ -489,6 +521,26 @@ def _err(v, ci, sd):
     return None
 
 
+def spread_coincident(points, others=()):
+    """Small offsets that set apart points drawn at the same place (a smoke run's methods often score alike): each group
+    of k > 1 equal points on a circle of 2.5 % of the plotted span (at least 0.25 points), about a marker's width, so
+    that each marker shows. Returns the offsets and how many points were moved."""
+    xs, ys = [p[0] for p in [*points, *others]], [p[1] for p in [*points, *others]]  # the span of every point drawn
+    span = max([max(xs) - min(xs), max(ys) - min(ys), 10.0]) if points else 10.0
+    radius = 0.025 * span
+    groups = {}
+    for i, (x, y) in enumerate(points):
+        groups.setdefault((round(x, 6), round(y, 6)), []).append(i)
+    offsets, shifted = [(0.0, 0.0)] * len(points), 0
+    for idx in groups.values():
+        if len(idx) > 1:
+            shifted += len(idx)
+            for j, i in enumerate(idx):
+                angle = 2 * math.pi * j / len(idx)
+                offsets[i] = (radius * math.cos(angle), radius * math.sin(angle))
+    return offsets, shifted
+
+
 def tradeoff_figure(rows):
     """The trade-off plot as a matplotlib Figure: train_forget accuracy (x, lower is better) against
     test_retain accuracy (y, higher is better); one colour and marker per row label (method) with a
@@ -507,8 +559,10 @@ def tradeoff_figure(rows):
     fig = Figure(figsize=(7.0, 5.0))
     ax = fig.add_subplot()
     bars = set()
-    for r in ours:
+    offsets, shifted = spread_coincident([xy(r) for r in ours], [xy(r) for r in papers])
+    for r, (dx, dy) in zip(ours, offsets):
         (x, y), (color, marker) = xy(r), style[r["label"]]
+        x, y = x + dx, y + dy
         xerr = _err(x, r["ci"][1][0], r["sd"][1][0] if r["sd"] else None)
         yerr = _err(y, r["ci"][2][0], r["sd"][2][0] if r["sd"] else None)
         if xerr or yerr:
@@ -538,8 +592,10 @@ def tradeoff_figure(rows):
     ax.margins(0.08)
     ax.grid(alpha=0.3)
     what = ["filled: ours"] + (["hollow: the paper"] if papers else []) + ([f"bars: {', '.join(sorted(bars))}"] if bars else [])
-    small = any(x is not None and x < MIN_ROWS for r in ours for x in r["n"])
-    check = f"PIPELINE CHECK (fewer than {MIN_ROWS} rows per split), not a result\n" if small else ""
+    small = [r for r in ours if any(x is not None and x < MIN_ROWS for x in r["n"])]
+    check = f"PIPELINE CHECK (fewer than {MIN_ROWS} rows in a split: {small_counts(small)}), not a result\n" if small else ""
+    if shifted:
+        what.append(f"{shifted} points at one place shifted slightly apart")
     ax.set_title(check + "Forgetting vs utility (best: top left)\n" + "; ".join(what), fontsize=9)
     return fig
 
@@ -552,6 +608,7 @@ def plot_tradeoff(rows, path):
 def main():
     args = parse_args()
     prefix = output_prefix(args.output_path)
+    check_free(prefix, args.overwrite)
     results = [read_result(p) for p in find_results(args.run_dirs)]
     paper = load_paper(args.paper)
     rows = table_rows(results, paper)

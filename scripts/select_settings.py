@@ -1,4 +1,4 @@
-"""Choose a method's settings the same way for every method, on validation rows only.
+r"""Choose a method's settings the same way for every method, on validation rows only.
 
     python scripts/select_settings.py --model_checkpoints runs/qlora-sst2 --method spul --grid lr=1e-4,3e-4 alpha=0.5,1 \
         --output_path runs/select/spul -- --max_retain=40000 --num_epochs=10

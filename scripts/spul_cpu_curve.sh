@@ -37,4 +37,4 @@ z2 false 8 160 2e-3 2 128 neutral,unknown
 w1 false 8 160 2e-3 2 384 neutral,unknown
 w2 false 8 160 2e-3 2 256 neutral,unknown
 RUNS
-python scripts/make_tables.py "$OUT"/qlora "$OUT"/[syzw]? --output_path="$OUT/table"
+python scripts/make_tables.py "$OUT"/qlora "$OUT"/[syzw]? --output_path="$OUT/table" --overwrite

@@ -264,6 +264,35 @@ def test_abbreviated_flags_are_refused_and_help_shows_defaults(script):
     assert proc.returncode == 2 and "unrecognized arguments: --output_pat" in proc.stderr, proc.stderr[-500:]
     helptext = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=ROOT).stdout
     assert "--output_path" in helptext and "(default:" in helptext
+    # every flag says its default, a flag without help text too
+    blocks = _flag_blocks(helptext)
+    silent = [flag for flag, text in blocks.items() if flag != "-h" and "default" not in text]
+    assert blocks and not silent, silent
+    # a stage's data flags left out are its parent's, not "none"
+    if script in ("spul.py", "eco.py", "baselines.py", "inference_spul.py"):
+        for flag in ("--text_column", "--label_column", "--data_seed", "--max_length", "--data_dir"):
+            assert "(default: the parent stage's" in blocks[flag], (flag, blocks[flag])
+    # boolean flags read alike: [BOOL], never [NAME]
+    import re
+
+    assert {m for text in blocks.values() for m in re.findall(r"^-\S+ \[([A-Z_]+)\]", text)} <= {"BOOL"}
+
+
+def _flag_blocks(helptext):
+    """{first flag name: its usage and help text, whitespace collapsed} from an argparse --help."""
+    import re
+
+    blocks, flag = {}, None
+    for line in helptext.split("options:", 1)[-1].splitlines():
+        m = re.match(r"  (-{1,2}\w+)", line)
+        if m:
+            flag = m.group(1)
+            blocks[flag] = line
+        elif flag and line.startswith("    "):
+            blocks[flag] += line
+        else:
+            flag = None
+    return {f: " ".join(t.split()) for f, t in blocks.items()}
 
 
 def test_canonical_names_and_old_spellings():
@@ -315,3 +344,18 @@ def test_a_run_folder_says_what_it_holds(tiny_qlora):
     with open(os.path.join(tiny_qlora, "README.md")) as f:
         text = f.read()
     assert "LoRA adapter" in text and "inference_spul.py --model_checkpoints=" in text
+
+
+def test_usage_examples_read_as_written():
+    """A usage example continued with a backslash reads as two lines in --help, not one line with a run of spaces
+    (a backslash-newline in a plain docstring joins the lines)."""
+    import ast
+    import glob
+    import re
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "scripts", "*.py"))):
+        doc = ast.get_docstring(ast.parse(open(path).read()), clean=False) or ""
+        for line in doc.splitlines():
+            command = line.strip().split("  #")[0].rstrip()  # an aligned comment may follow
+            if command.startswith(("python ", "accelerate ", "torchrun ")):
+                assert not re.search(r"\S {2,}\S", command), (path, line)

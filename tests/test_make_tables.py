@@ -180,11 +180,62 @@ def test_pipeline_check_banner_under_20_rows(tmp_path):
     _result(big / "spul", "spul", [0.9, 0.2, 0.8, 0.3], [0.9, 0.2, 0.8, 0.3], n=20)
     md = mt.to_markdown(_rows([small]), None)
     assert md.splitlines()[0].startswith("> **Pipeline check, not a result:** every row was scored on fewer than 20 rows")
+    assert "(n = 6)" in md.splitlines()[0]
     assert "Pipeline check" not in mt.to_markdown(_rows([big]), None)
     mixed = mt.to_markdown(_rows([small, big]), None)
     assert "1 of the 2 rows were scored on fewer than 20" in mixed.splitlines()[0]
     title = mt.tradeoff_figure(_rows([small])).axes[0].get_title()
-    assert "PIPELINE CHECK" in title
+    assert "PIPELINE CHECK" in title and "n = 6" in title
+    # three splits of 32 rows, one of 6: the banner says so, not "fewer than 20 rows per split"
+    one = tmp_path / "one"
+    path = _result(one / "spul", "spul", [0.9, 0.2, 0.8, 0.3], [0.9, 0.2, 0.8, 0.3], n=32)
+    res = json.load(open(os.path.join(path, "results.json")))
+    res["metrics"]["train_forget"]["n"] = 6
+    json.dump(res, open(os.path.join(path, "results.json"), "w"))
+    banner = mt.to_markdown(_rows([one]), None).splitlines()[0]
+    assert "in at least one split (n = 32/6/32/32 (train_retain/train_forget/test_retain/test_forget))" in banner
+    assert "per split" not in banner
+
+
+def test_an_existing_table_is_replaced_only_with_overwrite(runs, tmp_path, monkeypatch):
+    prefix = tmp_path / "t" / "table"
+    _main(runs, "--output_path", prefix, "--paper", "none", monkeypatch=monkeypatch)
+    before = (tmp_path / "t" / "table.md").read_text()
+    _result(runs / "ga2", "gradient_ascent", [0.4, 0.4, 0.4, 0.4], [0.4, 0.4, 0.4, 0.4])
+    with pytest.raises(mt.UserError, match="table.md already exists: pass --overwrite"):
+        _main(runs, "--output_path", prefix, "--paper", "none", monkeypatch=monkeypatch)
+    assert (tmp_path / "t" / "table.md").read_text() == before  # untouched
+    _main(runs, "--output_path", prefix, "--paper", "none", "--overwrite", monkeypatch=monkeypatch)
+    assert (tmp_path / "t" / "table.md").read_text() != before
+
+
+def test_rows_of_one_method_from_different_run_folders_name_them(tmp_path):
+    """A smoke demo's runs and a hand run under one folder: rows that nothing else tells apart carry their run
+    folder (the shortest distinct tail of its path), in the table and in the plot's legend."""
+    accs = [0.9, 0.2, 0.8, 0.3]
+    _result(tmp_path / "runs" / "demo-smoke" / "qlora", "qlora", accs, accs)
+    _result(tmp_path / "runs" / "hand" / "qlora", "qlora", accs, accs)
+    _result(tmp_path / "runs" / "demo-smoke" / "spul", "spul", accs, accs)
+    _result(tmp_path / "runs" / "spul-mine", "spul", accs, accs)
+    _result(tmp_path / "runs" / "demo-smoke" / "eco", "eco", accs, accs)
+    rows = _rows([tmp_path / "runs"], paper="none")
+    table = _md_table(mt.to_markdown(rows, None))
+    assert {"QLoRA [demo-smoke/qlora]", "QLoRA [hand/qlora]", "SPUL [spul]", "SPUL [spul-mine]", "ECO"} <= set(table)
+    assert "SPUL [spul-mine]" in [r["label"] for r in rows]
+
+
+def test_points_at_one_place_are_set_apart_and_the_caption_says_so(tmp_path):
+    accs = [0.9, 0.5, 0.5, 0.5]
+    for m in ("gradient_ascent", "random_label", "npo", "spul"):
+        _result(tmp_path / m, m, accs, accs, n=4, ci=False)
+    _result(tmp_path / "eco", "eco", [0.9, 0.1, 0.9, 0.1], [0.9, 0.1, 0.9, 0.1], n=4, ci=False)
+    ax = mt.tradeoff_figure(_rows([tmp_path], paper="none")).axes[0]
+    points = [tuple(c.get_offsets()[0]) for c in ax.collections if c.get_gid() == "ours"]
+    assert len(set(points)) == len(points) == 5  # each marker visible
+    near = [p for p in points if abs(p[0] - 50) < 2 and abs(p[1] - 50) < 2]
+    assert len(near) == 4  # still at their place, within 5 % of the 40-point span
+    assert (10.0, 90.0) in points  # a point alone is not moved
+    assert "4 points at one place shifted slightly apart" in ax.get_title()
 
 
 def test_output_path_prefix_folder_and_alias(runs, tmp_path, monkeypatch):
@@ -359,7 +410,7 @@ def test_table_scripts_pass_their_own_paper_key(tmp_path):
         assert all(re.search(r"--output_path=\S+/table( |$)", c) for c in calls), calls
 
 
-@pytest.mark.parametrize("case", ["empty", "bad_json", "bad_paper"])
+@pytest.mark.parametrize("case", ["empty", "bad_json", "bad_paper", "exists"])
 def test_errors_are_one_line(case, runs, tmp_path):
     if case == "empty":
         (tmp_path / "empty").mkdir()
@@ -367,8 +418,13 @@ def test_errors_are_one_line(case, runs, tmp_path):
     elif case == "bad_json":
         (tmp_path / "bad.json").write_text("{not json")
         args = [tmp_path / "bad.json"]
+    elif case == "exists":
+        (tmp_path / "x.csv").write_text("mine")
+        args = [runs]
     else:
         args = [runs, "--paper", "table9"]
     proc = run_script("scripts/make_tables.py", *args, "--output_path", tmp_path / "x", check=False)
     assert proc.returncode == 2
     assert len([l for l in proc.stderr.splitlines() if l.startswith("error:")]) == 1 and "Traceback" not in proc.stderr
+    if case == "exists":
+        assert (tmp_path / "x.csv").read_text() == "mine" and not (tmp_path / "x.md").exists()

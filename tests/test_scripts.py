@@ -80,7 +80,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_llama, sst2_dir):
     a second run finds every stage finished with the same settings, keeps them and only rebuilds the table."""
     out = tmp_path / "demo"
     args = ["--model_name", tiny_llama, "--data_dir", sst2_dir, "--output_path", out, "--methods", "gradient_ascent_descent",
-            "--jobs", 2]
+            "--jobs", 2, "--skip="]  # every stage (the smoke scale skips vanilla and retrained by default)
     first = demo(*args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     stages = ("vanilla", "qlora", "retrained", "spul", "gradient_ascent_descent", "eco")
@@ -101,7 +101,12 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_llama, sst2_dir):
     kept = next(line for line in said.splitlines() if line.startswith("finished earlier with the same settings, kept:"))
     assert all(f"{m} eval" in kept for m in stages) and " done in " not in said
     with open(out / "timings.json") as f:
-        assert len(json.load(f)["stages_s"]) == 2 * len(stages) - 1  # the first run's figures are kept
+        timings = json.load(f)
+    assert len(timings["stages_s"]) == 2 * len(stages) - 1  # the first run's figures are kept
+    assert [len(r["stages_s"]) for r in timings["runs"]] == [2 * len(stages) - 1, 0]  # and each run's own
+    # a kept stage's log still holds its training, above this run's "nothing to do"
+    log = (out / "logs" / "qlora.log").read_text()
+    assert "train_loss" in log and log.index("train_loss") < log.index("nothing to do")
 
 
 def test_demo_stops_with_the_failing_stage_named(tmp_path, tiny_llama):
@@ -173,3 +178,62 @@ def test_multigpu_recipe_refuses_a_gpu_count_that_cannot_give_32(ngpu, fit):
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ")
     assert (f"NGPU={fit}" if fit else "no GPU") in proc.stderr
+
+
+def test_demo_threads_respect_omp_num_threads():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import demo as demo_script
+
+    assert demo_script.threads_per_job(2, {}, cores=8) == 4
+    assert demo_script.threads_per_job(2, {"OMP_NUM_THREADS": "1"}, cores=8) == 1
+    assert demo_script.threads_per_job(2, {"OMP_NUM_THREADS": "16"}, cores=8) == 4
+    assert demo_script.threads_per_job(4, {"OMP_NUM_THREADS": ""}, cores=2) == 1
+
+
+def test_the_smoke_scale_runs_a_few_stages():
+    """The smoke check: qlora, SPUL, one baseline, ECO and their evaluations, not every reference and baseline."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import argparse
+
+    import demo as demo_script
+
+    args = argparse.Namespace(output_path="o", data_dir="d", model_name="m", task="sentiment", seeds="42",
+                              seed_methods="spul", methods=demo_script.default_methods("smoke"),
+                              skip=demo_script.SCALES["smoke"]["skip"])
+    names = [j.name for j in demo_script.plan(args, demo_script.SCALES["smoke"])]
+    assert sorted(names) == sorted(["qlora", "spul", "eco", "gradient_ascent_descent", "qlora eval", "spul eval",
+                                    "eco eval", "gradient_ascent_descent eval"])
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_stopping_the_demo_stops_its_running_stages(tmp_path, signame):
+    """Ctrl-C (SIGINT) or SIGTERM during run_jobs terminates the stage it started and leaves a word in its log."""
+    import signal
+    import threading
+    import time
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import demo as demo_script
+
+    pidfile = tmp_path / "pid"
+    script = tmp_path / "sleeper.py"
+    script.write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    jobs = [demo_script.Job("sleep", str(script), [], (), str(tmp_path / "out"))]
+
+    def stop():
+        for _ in range(200):
+            if pidfile.exists() and pidfile.read_text():
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), getattr(signal, signame))
+
+    threading.Thread(target=stop, daemon=True).start()
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        demo_script.run_jobs(jobs, 1, str(tmp_path), 1)
+    assert time.time() - t0 < 30
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):  # terminated and reaped
+        os.kill(pid, 0)
+    assert "[stopped: the demo was interrupted]" in (tmp_path / "sleep.log").read_text()
+    assert signal.getsignal(signal.SIGTERM) is not demo_script._stop  # the handler is put back

@@ -174,3 +174,38 @@ def test_rows_repeated_to_fill_the_last_batches_get_the_padding_role(processes, 
     batch = {"role": torch.tensor([FORGET, RETAIN, FORGET])}
     mark_epoch_fill(batch, fake_accelerator(processes=processes, index=index, remainder=remainder, total_batch=3 * processes))
     assert batch["role"].tolist() == [FORGET, RETAIN, FORGET][:real] + [PADDING] * (3 - real)
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(1, 1)
+
+    def forward(self, x, y):
+        return {"loss": ((self.w(x) - y) ** 2).mean()}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("max_steps,logging_steps,expected", [(6, 10, [1, 2, 3, 4, 5, 6]),
+                                                              (40, 10, [1, *range(4, 41, 4)]),
+                                                              (40, 2, [1, *range(2, 41, 2)])])
+def test_a_short_run_logs_every_step(tmp_path, max_steps, logging_steps, expected):
+    """A short run logs at least ten points: a 6-step run with the default --logging_steps 10 logs every step,
+    not its first step and an average; a 40-step one every 4th; a smaller --logging_steps is kept."""
+    from utils.training import ShortRunLogging
+
+    p = argparse.ArgumentParser()
+    add_training_args(p, lr=1e-2, epochs=1, warmup=0.0, batch=2)
+    args = p.parse_args(["--quiet", "--max_steps", str(max_steps), "--logging_steps", str(logging_steps)])
+    data = [{"x": torch.tensor([i / 12]), "y": torch.tensor([i / 6])} for i in range(12)]
+    trainer = Trainer(model=_Regression(), args=training_arguments(args, str(tmp_path), save_strategy="no"),
+                      train_dataset=data, callbacks=[ShortRunLogging()])
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == expected
+
+
+def test_the_training_scripts_trainer_logs_short_runs_densely():
+    from utils.training import ShortRunLogging, TailLossTrainer
+
+    trainer = TailLossTrainer(model=torch.nn.Linear(1, 1), args=None, objective=lambda ctx: {})
+    assert any(isinstance(c, ShortRunLogging) for c in trainer.callback_handler.callbacks)

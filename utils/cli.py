@@ -5,6 +5,7 @@ Every script builds its parser with `make_parser`: abbreviated flags are refused
 boolean flags accept `--x`, `--x true` and `--x false` alike.
 """
 import argparse
+import copy
 import os
 import random
 import sys
@@ -55,8 +56,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         if action.default is None:
-            return text + " (default: none)"
-        return super()._get_help_string(action)
+            return (text + " (default: none)").strip()
+        return super()._get_help_string(action).strip()
+
+    def _format_action(self, action):
+        # argparse prints no help line for a flag without help text: give it one that shows its default
+        if not (action.help or "").strip() and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
 
 
 def make_parser(doc):
@@ -137,39 +145,47 @@ def add_data_args(p, child=False):
     """Data flags. `child`: a stage that follows another (spul, baselines, eco, evaluation): flags left out
     are taken from the folder it starts from (utils.runs.inherit), so their defaults here are None."""
     g = p.add_argument_group("data")
+
+    def default(own):
+        """'(default: ...)': a child's flags left out are its parent's, then `own`."""
+        if child:
+            return " (default: the parent stage's" + (f", else {own})" if own else ")")
+        return f" (default: {own})" if own else ""
+
     g.add_argument("--dataset", default=None,
                    help="sst2, yelp (sentiment) or wmdp_bio (mcqa): the paper's hub datasets; a name for --data_dir's "
-                        "data otherwise (default: " + ("the parent stage's, else " if child else "") + "the --data_dir folder's "
-                        "name, else sst2; for --task mcqa wmdp_bio)")
+                        "data otherwise" + default("the --data_dir folder's name, else sst2; for --task mcqa wmdp_bio"))
     g.add_argument("--task", choices=["sentiment", "mcqa"], default=None,
                    help="sentiment: text,label rows; mcqa: multiple-choice question,choices,answer rows answered by a "
-                        "letter (default: " + ("the parent stage's, else " if child else "") + "mcqa for --dataset "
-                        "wmdp_bio, else sentiment)")
+                        "letter" + default("mcqa for --dataset wmdp_bio, else sentiment"))
     g.add_argument("--data_dir", default=None,
                    help="folder with train_retain, train_forget, test_retain, test_forget as .csv, .jsonl or .parquet "
-                        "(e.g. ../shared/data/sst2)" + (" (default: the parent stage's)" if child else ""))
+                        "(e.g. ../shared/data/sst2)" + default("none: the hub dataset --dataset"))
     if child:
         add_bool(g, "--other_data", help="allow a --data_dir other than the parent stage's: its rows are then not ones "
                                          "the parent trained on, and the parent's row caps are not applied")
-    g.add_argument("--text_column", default=None if child else "text", help="column holding the text (sentiment)")
+    g.add_argument("--text_column", default=None if child else "text",
+                   help="column holding the text (sentiment)" + default("text" if child else None))
     g.add_argument("--label_column", default=None if child else "label",
-                   help="column holding the label: an integer 0..n-1 or one of the label words (sentiment)")
+                   help="column holding the label: an integer 0..n-1 or one of the label words (sentiment)"
+                        + default("label" if child else None))
     g.add_argument("--label_words", default=None,
-                   help="comma-separated words for labels 0, 1, ... (default: sentiment: from a label_text column when "
-                        "the data has one, else negative,positive; mcqa: A,B,C,D,E)")
+                   help="comma-separated words for labels 0, 1, ..." + default(
+                       "sentiment: from a label_text column when the data has one, else negative,positive; mcqa: A,B,C,D,E"))
     g.add_argument("--max_length", type=positive_int, default=None if child else 1024,
                    help="max tokens per example; the text (mcqa: the question) is shortened, never the rest of the "
-                        "prompt or the label"
-                        + (" (default: the parent stage's)" if child else ""))
+                        "prompt or the label" + default("1024" if child else None))
     g.add_argument("--forget_size", type=fraction, default=1.0,
                    help="fraction τ of the train_forget rows kept (drawn with seed 42, as in the paper)")
     g.add_argument("--max_retain", type=positive_int, default=None,
-                   help="cap on train_retain rows (seeded draw; a stage's cap may not exceed its parent's)")
+                   help="cap on train_retain rows (seeded draw; a stage's cap may not exceed its parent's)"
+                        + default("every row"))
     g.add_argument("--max_forget", type=positive_int, default=None,
-                   help="cap on train_forget rows (seeded draw; a stage's cap may not exceed its parent's)")
+                   help="cap on train_forget rows (seeded draw; a stage's cap may not exceed its parent's)"
+                        + default("every row"))
     g.add_argument("--data_seed", type=int, default=None if child else 42,
                    help="seed of the --max_retain / --max_forget draws; the draws are nested, so a smaller cap "
-                        "keeps rows its parent trained on")
+                        "keeps rows its parent trained on" + default("42" if child else None))
     return g
 
 
@@ -196,12 +212,14 @@ def add_training_args(p, *, lr, epochs, warmup, batch=32):
                    help="rows per device per micro-batch; the loss of an optimiser step is the same for any split of "
                         "its rows into devices and accumulation steps")
     g.add_argument("--eval_batch_size", type=positive_int, default=batch, help="rows per forward pass outside training")
-    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
+                   help="micro-batches per optimiser step")
     g.add_argument("--num_epochs", type=float, default=epochs, help="epochs")
     g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps (overrides --num_epochs when > 0)")
-    g.add_argument("--weight_decay", type=nonneg_float, default=0.001)
+    g.add_argument("--weight_decay", type=nonneg_float, default=0.001, help="AdamW weight decay")
     g.add_argument("--warmup_ratio", type=unit_interval, default=warmup, help="linear warm-up fraction of the steps")
-    g.add_argument("--lr_scheduler_type", default="cosine")
+    g.add_argument("--lr_scheduler_type", default="cosine",
+                   help="learning-rate schedule after the warm-up (transformers' names: cosine, linear, constant, ...)")
     g.add_argument("--max_grad_norm", type=nonneg_float, default=0.3, help="gradient clipping (0: none)")
     add_bool(g, "--group_by_length",
              help="batch rows of similar length (less padding, faster). Off by default (random batches, the Trainer's "
@@ -211,7 +229,8 @@ def add_training_args(p, *, lr, epochs, warmup, batch=32):
                    help="recompute activations in the backward pass (default: on for CUDA, off on the CPU)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CUDA if supported, else fp32")
-    g.add_argument("--logging_steps", type=positive_int, default=10)
+    g.add_argument("--logging_steps", type=positive_int, default=10,
+                   help="log the loss every N optimiser steps (a run of fewer than 10 N steps logs at least ten points)")
     g.add_argument("--report_to", default="none", help="none, tensorboard or wandb")
     g.add_argument("--seed", type=int, default=42, help="seeds initialisation, batch order and generic-label draws")
     g = p.add_argument_group("run folder and checkpoints")

@@ -197,6 +197,15 @@ def mark_epoch_fill(batch, accelerator):
     batch["role"] = batch["role"].masked_fill(position >= remainder, PADDING)
 
 
+class ShortRunLogging(TrainerCallback):
+    """Log at least ten points of a short run: the interval is min(--logging_steps, total steps // 10), at least 1,
+    so a 6-step run logs every step instead of one line and an average."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.max_steps > 0 and state.logging_steps:
+            state.logging_steps = max(1, min(int(state.logging_steps), state.max_steps // 10))
+
+
 class TailLossTrainer(Trainer):
     """Trainer whose loss is `objective(LossContext, **weights)` on the completion positions only.
 
@@ -215,6 +224,7 @@ class TailLossTrainer(Trainer):
         if reference is not None:  # sharded parameters: every process runs each reference forward (utils.reference)
             reference.lockstep = parameters_sharded(self.accelerator)
         self._sums, self._steps, self._counts = {}, 0, None
+        self.add_callback(ShortRunLogging())
         if os.environ.get(CRASH_AFTER_STEP):
             self.add_callback(_CrashAfterSave(int(os.environ[CRASH_AFTER_STEP])))
 
