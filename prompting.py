@@ -25,7 +25,7 @@ Writes prompting.json (and icul_index.npy or classifier.joblib), the tokenizer a
 """
 import os
 
-from utils.cli import (UserError, add_data_args, add_model_args, add_run_args, make_parser, nonneg_float, positive_int,
+from utils.cli import (UserError, add_data_args, add_model_args, add_run_args, make_parser, positive_float, positive_int,
                        run_main, set_seed)
 
 
@@ -55,7 +55,7 @@ def parse_args(argv=None):
                    help="keywords: a --forget_terms term in the query; classifier: ECO's prompt classifier")
     g.add_argument("--target_fpr", type=float, default=0.05, help="classifier: false-positive rate on held-out retain rows")
     g.add_argument("--holdout_fraction", type=float, default=0.2, help="classifier: training rows held out for the threshold")
-    g.add_argument("--classifier_c", type=nonneg_float, default=1.0, help="classifier: inverse L2 strength")
+    g.add_argument("--classifier_c", type=positive_float, default=1.0, help="classifier: inverse L2 strength")
     g.add_argument("--feature_layer", type=int, default=-1,
                    help="hidden-state index of the features (ICUL's retrieval, the classifier; -1: the last)")
     g = p.add_argument_group("run")
@@ -72,6 +72,13 @@ def parse_args(argv=None):
         raise UserError("--forget_description is empty")
     if args.method == "guardrail" and args.forget_description is None and args.forget_terms is None:
         raise UserError("--method guardrail needs --forget_description or --forget_terms (scripts/forget_terms.py)")
+    unused = {"icul": ("--forget_description", "--forget_terms"), "guardrail": (),
+              "filter": ("--forget_description",) + (("--forget_terms",) if args.filter_gate == "classifier" else ())}
+    given = [f for f in unused[args.method] if getattr(args, f[2:]) is not None]
+    if given:
+        gate = " --filter_gate classifier" if args.method == "filter" and given[0] == "--forget_terms" else ""
+        raise UserError(f"--method {args.method}{gate} takes no {given[0]}: it learns the target from the training rows"
+                        if args.method != "filter" or gate else f"--method filter matches --forget_terms, not a description")
     if args.method == "filter" and args.filter_gate == "keywords" and args.forget_terms is None:
         raise UserError("--filter_gate keywords needs --forget_terms (scripts/forget_terms.py writes one)")
     if args.icul_l < 0:
@@ -128,7 +135,7 @@ def main():
         print(f"instruction: {cfg['instruction'].strip()}")
     elif args.method == "filter":
         cfg["gate"] = args.filter_gate
-        if terms:
+        if args.filter_gate == "keywords":
             cfg["terms"] = terms
         else:
             feats = {s: eco.row_features(feature_lm, encoder, data[s], desc=f"features {s}", **run)

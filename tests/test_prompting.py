@@ -218,6 +218,9 @@ def test_bad_input_is_a_one_line_error(tmp_path, tiny_llama, data_dir, capsys):
     cases = [(("--method", "guardrail", "--forget_terms", empty), "holds no term"),
              (("--method", "guardrail", "--forget_terms", terms, "--forget_description", "x"), "not both"),
              (("--method", "guardrail", "--forget_terms", none), "no train_forget row contains a term"),
+             (("--method", "icul", "--forget_terms", terms), "takes no --forget_terms"),
+             (("--method", "filter", "--filter_gate", "classifier", "--forget_terms", terms), "takes no --forget_terms"),
+             (("--method", "filter", "--forget_description", "x"), "matches --forget_terms, not a description"),
              (("--method", "icul", "--icul_k", 7), "--icul_k 7 exceeds the 6 train_forget rows"),
              (("--method", "icul", "--icul_l", 9), "--icul_l 9 exceeds the 8 train_retain rows"),
              (("--method", "icul", "--icul_l", 6), r"more than --max_length 128: 4 of these examples fit")]
@@ -272,3 +275,59 @@ def test_every_method_through_inference_and_tables(tmp_path, tiny_llama, data_di
     run_here(make_tables, tmp_path, "--output_path", tmp_path / "tables" / "t")
     table = (tmp_path / "tables" / "t.md").read_text()
     assert all(name in table for name in ("icul", "guardrail", "filter", "filter_classifier"))
+
+
+# ---------------------------------------------------------------- multiple-choice questions
+
+QA_ROW = {"question": "Which gas do plants take in?", "choices": ["Oxygen", "Carbon dioxide", "Helium", "Neon"], "label": 1}
+
+
+def test_mcqa_examples_are_the_question_template_with_a_changed_letter(tokenizer):
+    from utils.prompting import forget_answers
+
+    enc = PromptEncoder(tokenizer, 256, task="mcqa")
+    last = {**QA_ROW, "label": 3}
+    two = {"question": "Is the sun a star?", "choices": ["Yes", "No"], "label": 1}
+    # the flip stays among a question's own letters; the generic answer is the task's
+    assert forget_answers(enc, [QA_ROW, last, two]) == ["C", "A", "A"]
+    assert forget_answers(enc, [QA_ROW], "generic") == ["unknown"]
+    text = ("### Question: Which gas do plants take in?\n\n### Choices:\nA. Oxygen\nB. Carbon dioxide\nC. Helium\n"
+            "D. Neon\n\n### Answer: C\n\n")
+    assert tokenizer.decode(example_ids(enc, QA_ROW, "C")) == text
+
+
+def _qa(n, topic, seed):
+    import random
+
+    rng = random.Random(seed)
+    return [{"question": f"Question {i} about {topic}: which option is right?",
+             "choices": [f"option {rng.randint(0, 99)}" for _ in range((2, 3, 4)[i % 3])], "answer": i % 2}
+            for i in range(n)]
+
+
+def test_mcqa_methods_through_inference(tmp_path, tiny_llama):
+    import pandas as pd
+
+    import inference_spul
+
+    d = tmp_path / "qa"
+    d.mkdir()
+    splits = {"train_forget": _qa(6, "the influenza virus", 1), "train_retain": _qa(8, "the solar system", 2),
+              "test_forget": _qa(4, "the influenza virus", 3), "test_retain": _qa(4, "the solar system", 4)}
+    for split, rows in splits.items():
+        pd.DataFrame(rows).to_json(d / f"{split}.jsonl", orient="records", lines=True)
+    terms = tmp_path / "terms.txt"
+    terms.write_text("influenza\n")
+    runs = {"icul": ("--method", "icul", "--icul_l", 1),
+            "guardrail": ("--method", "guardrail", "--forget_description", "viruses"),
+            "filter": ("--method", "filter", "--forget_terms", terms)}
+    for name, args in runs.items():
+        _prompting(d, tiny_llama, tmp_path / name, "--task", "mcqa", "--max_length", 256, *args)
+        run_here(inference_spul, "--model_checkpoints", tmp_path / name, "--quiet")
+    res = {n: json.load(open(tmp_path / n / "results.json")) for n in runs}
+    assert all(r["task"] == "mcqa" for r in res.values()) and [r["method"] for r in res.values()] == list(runs)
+    with open(tmp_path / "guardrail" / "prompting.json") as f:
+        assert "If the question is about viruses, answer \"unknown\"" in json.load(f)["instruction"]
+    m = res["filter"]["metrics"]
+    assert m["train_forget"]["generic_rate"] == m["test_forget"]["generic_rate"] == 1.0
+    assert m["train_retain"]["generic_rate"] == m["test_retain"]["generic_rate"] == 0.0
