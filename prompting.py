@@ -111,7 +111,7 @@ def main():
                             task=data.task)
     terms = prompting.read_terms(args.forget_terms) if args.forget_terms else None
     if terms:
-        forget_texts = [tokenizer.decode(encoder.prompt_ids(r), skip_special_tokens=True) for r in data["train_forget"]]
+        forget_texts = [prompting.query_text(tokenizer, encoder.prompt_ids(r), encoder.task) for r in data["train_forget"]]
         prompting.check_terms(terms, forget_texts, args.forget_terms)
     name = "filter_classifier" if args.method == "filter" and args.filter_gate == "classifier" else args.method
     cfg = {"method": args.method, "name": name, "seed": args.seed, "feature_layer": args.feature_layer}

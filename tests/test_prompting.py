@@ -167,6 +167,11 @@ def test_filter_keeps_unflagged_rows_and_refuses_flagged_ones(lm_enc, gate):
         assert flags.any() and (~flags).any()
         assert torch.equal(out[~flags], plain[~flags])
         assert (out[flags].argmax(-1) == generic).all()
+    if gate == "keywords":  # a term is looked for in the query's text, never in the template's own words
+        model.terms = ["sentiment", "text"]
+        with torch.no_grad():
+            model(b["input_ids"], b["attention_mask"])
+        assert not model.last_flags.any()
 
 
 # ---------------------------------------------------------------- scripts/forget_terms.py

@@ -28,6 +28,7 @@ from .cli import UserError
 from .eco import load_classifier, prompt_features, prompt_mask, row_seed
 from .modeling import tail_logits
 from .prompts import LeftPadCollator, PromptEncoder
+from .tasks import get_task
 
 METHODS = ("icul", "guardrail", "filter")
 CONFIG_FILE = "prompting.json"
@@ -63,6 +64,14 @@ def read_terms(path):
     if not terms:
         raise UserError(f"--forget_terms {path} holds no term (one term a line)")
     return terms
+
+
+def query_text(tokenizer, prompt_ids, task):
+    """What a keyword gate reads of a prompt: its ids decoded, without the template's own words (the head's prefix
+    and the cue), so that a term such as 'sentiment' matches a query's text, not every prompt's cue."""
+    text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    start, end = text.find(task.head_prefix.strip()), text.rfind(task.cue.strip())
+    return text[start + len(task.head_prefix.strip()) if start >= 0 else 0: end if end >= 0 else len(text)]
 
 
 def check_terms(terms, texts, path):
@@ -191,14 +200,16 @@ class FilterLM(nn.Module):
     """A gate in front of a frozen LM: flagged queries answer the generic label (its first token REFUSAL_LOGIT, every
     other logit 0); the others get the plain model's logits of the same batch (bit-identical).
 
-    gate 'keywords': the query's prompt (decoded up to the task's cue) holds a forget term as whole words;
+    gate 'keywords': the query's text (its prompt decoded, without the template's words) holds a forget term as whole
+    words;
     'classifier': ECO's prompt classifier (utils.eco.PromptClassifier) on the frozen model's features."""
 
-    def __init__(self, lm, generic_id, cue, tokenizer=None, terms=None, classifier=None, feature_layer=-1):
+    def __init__(self, lm, generic_id, cue, tokenizer=None, terms=None, classifier=None, feature_layer=-1, task=None):
         super().__init__()
         if (terms is None) == (classifier is None):
             raise UserError("the filter needs either forget terms or a prompt classifier")
         self.lm, self.generic_id, self.cue, self.tokenizer = lm, int(generic_id), list(cue), tokenizer
+        self.task = get_task(task)
         self.terms, self.classifier, self.feature_layer = terms, classifier, feature_layer
         self.last_flags = None
 
@@ -208,7 +219,7 @@ class FilterLM(nn.Module):
             return torch.as_tensor(self.classifier.flags(feats.detach().cpu().numpy())), logits
         logits = tail_logits(self.lm, input_ids, attention_mask, keep)
         pmask = prompt_mask(input_ids, attention_mask, self.cue)
-        texts = [self.tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(input_ids, pmask)]
+        texts = [query_text(self.tokenizer, ids[m], self.task) for ids, m in zip(input_ids, pmask)]
         return torch.tensor([has_term(t, self.terms) for t in texts], dtype=torch.bool), logits
 
     def forward(self, input_ids, attention_mask, keep=1, reference=False):
@@ -246,7 +257,7 @@ def build_model(lm, encoder, cfg, index=None, classifier=None):
     if method == "filter":
         generic = encoder.label_ids[encoder.generic_labels[0]][0]
         return FilterLM(lm, generic, encoder.cue_ids, tok, cfg.get("terms") if classifier is None else None, classifier,
-                        cfg.get("feature_layer", -1))
+                        cfg.get("feature_layer", -1), encoder.task)
     raise UserError(f"unknown prompting method '{method}': choose one of {', '.join(METHODS)}")
 
 
