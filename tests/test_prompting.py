@@ -336,3 +336,21 @@ def test_mcqa_methods_through_inference(tmp_path, tiny_llama):
     m = res["filter"]["metrics"]
     assert m["train_forget"]["generic_rate"] == m["test_forget"]["generic_rate"] == 1.0
     assert m["train_retain"]["generic_rate"] == m["test_retain"]["generic_rate"] == 0.0
+
+
+def test_a_qlora_folder_is_the_start_model(tmp_path, tiny_qlora, tiny_llama, sst2_dir):
+    """A prompting folder on a qlora.py model loads the merged model through utils.stages, like every stage."""
+    from utils.modeling import load_merged_model
+    from utils.stages import load_stage
+
+    _prompting(sst2_dir, tiny_qlora, tmp_path / "g", "--method", "guardrail", "--forget_description", "some actors",
+               "--max_length", 64)
+    model, tok, info = load_stage(str(tmp_path / "g"))
+    assert (info["method"], info["model"], info["parent"]) == ("guardrail", tiny_llama, tiny_qlora)
+    assert info["arguments"]["max_length"] == 64 and isinstance(model, GuardrailLM)
+    enc = PromptEncoder(tok, 64)
+    b = _batch(enc, [{"text": "a fine film", "label": 1}])
+    merged, _ = load_merged_model(tiny_qlora)
+    with torch.no_grad():
+        assert torch.equal(model(b["input_ids"], b["attention_mask"]),
+                           TailLM(merged.eval())(*model.build(b["input_ids"], b["attention_mask"])))
