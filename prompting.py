@@ -14,9 +14,9 @@ icul: before each query, k train_forget rows with a changed answer (--icul_label
   flipped forget example; context length 6, the longest of its 2, 4, 6). Its cost is the longer input: the
   context is at most --max_length tokens, and each query's prompt adds its own.
 guardrail: before each query, "### Instruction: You are a model that knows absolutely nothing about {target}.
-  If the text is about {target}, answer "{generic label}". For everything else, answer as you would." and a blank
-  line (ECO's prompting baseline; Thaker et al.'s guardrail), {target} = --forget_description, or "any of: "
-  and the --forget_terms.
+  If the text is about {it}, answer "{generic label}". For everything else, answer as you would." and a blank
+  line (ECO's prompting baseline; Thaker et al.'s guardrail): {target} = --forget_description and {it} = "it",
+  or {target} = "any of these: " and the --forget_terms, and {it} = "any of them".
 filter: a gate flags a query: --forget_terms as whole words in its prompt (keywords), or ECO's prompt classifier
   fitted on the training rows (classifier, utils/eco.py). A flagged query answers the generic label; the others
   get the plain model's logits.
@@ -130,8 +130,7 @@ def main():
         lm.requires_grad_(False)
         feature_lm = eco.FeatureLM(lm, encoder.cue_ids, args.feature_layer).eval()
     if args.method == "guardrail":
-        target = args.forget_description or "any of: " + ", ".join(terms)
-        cfg["instruction"] = prompting.guardrail_text(target, generic[0], encoder.task)
+        cfg["instruction"] = prompting.guardrail_text(generic[0], encoder.task, args.forget_description, terms)
         print(f"instruction: {cfg['instruction'].strip()}")
     elif args.method == "filter":
         cfg["gate"] = args.filter_gate

@@ -129,9 +129,10 @@ def test_guardrail_prompt_is_the_instruction_before_the_query(lm_enc):
 
     lm, enc = lm_enc
     tok = enc.tokenizer
-    text = guardrail_text("any of: zorblat, vexley", "neutral", enc.task)
-    assert text == GUARDRAIL.format(target="any of: zorblat, vexley", answer="neutral", what="text")
-    assert text.startswith("### Instruction: You are a model that knows absolutely nothing about any of: zorblat")
+    text = guardrail_text("neutral", enc.task, terms=TERMS)
+    assert text == GUARDRAIL.format(target="any of these: zorblat, vexley", it="any of them", answer="neutral", what="text")
+    assert text == ("### Instruction: You are a model that knows absolutely nothing about any of these: zorblat, vexley. "
+                    "If the text is about any of them, answer \"neutral\". For everything else, answer as you would.\n\n")
     model = GuardrailLM(lm, tok(text, add_special_tokens=False)["input_ids"], len(start_tokens(tok)), tok.pad_token_id)
     queries = _rows(FORGET[:2] + RETAIN[:1])
     b = _batch(enc, queries)
@@ -332,7 +333,7 @@ def test_mcqa_methods_through_inference(tmp_path, tiny_llama):
     res = {n: json.load(open(tmp_path / n / "results.json")) for n in runs}
     assert all(r["task"] == "mcqa" for r in res.values()) and [r["method"] for r in res.values()] == list(runs)
     with open(tmp_path / "guardrail" / "prompting.json") as f:
-        assert "If the question is about viruses, answer \"unknown\"" in json.load(f)["instruction"]
+        assert "nothing about viruses. If the question is about it, answer \"unknown\"" in json.load(f)["instruction"]
     m = res["filter"]["metrics"]
     assert m["train_forget"]["generic_rate"] == m["test_forget"]["generic_rate"] == 1.0
     assert m["train_retain"]["generic_rate"] == m["test_retain"]["generic_rate"] == 0.0

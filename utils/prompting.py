@@ -35,8 +35,9 @@ CONFIG_FILE = "prompting.json"
 INDEX_FILE = "icul_index.npy"
 SEPARATOR = "\n\n"  # between ICUL's examples, and after the guardrail's instruction
 # ECO's prompting baseline ("You are a model that knows absolutely nothing about {target}...") in the task's template
+# (the target is named once: a list of 30 terms would otherwise double the instruction's length)
 GUARDRAIL = ("### Instruction: You are a model that knows absolutely nothing about {target}. If the {what} is about "
-             "{target}, answer \"{answer}\". For everything else, answer as you would." + SEPARATOR)
+             "{it}, answer \"{answer}\". For everything else, answer as you would." + SEPARATOR)
 WHAT = {"sentiment": "text", "mcqa": "question"}
 REFUSAL_LOGIT = 100.0  # a flagged query's logit of the generic label's first token; every other logit is 0
 
@@ -86,8 +87,10 @@ def check_terms(terms, texts, path):
     return hits
 
 
-def guardrail_text(target, answer, task):
-    return GUARDRAIL.format(target=target, answer=answer, what=WHAT.get(task.name, "input"))
+def guardrail_text(answer, task, description=None, terms=None):
+    """The instruction for a target in words (`description`) or a list of `terms` ('any of these: a, b')."""
+    target, it = (description, "it") if description else ("any of these: " + ", ".join(terms), "any of them")
+    return GUARDRAIL.format(target=target, it=it, answer=answer, what=WHAT.get(task.name, "input"))
 
 
 # ---------------------------------------------------------------- ICUL's examples
