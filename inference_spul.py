@@ -4,7 +4,7 @@
     python inference_spul.py --model_checkpoints=smollm2-135m --data_dir=../shared/data/sst2 --max_eval_rows=200
 
 --model_checkpoints is a pre-trained model (hub id, model folder or smollm2-135m) or a folder written
-by qlora.py, spul.py, baselines.py or eco.py; earlier stages are found through its arguments.json.
+by qlora.py, spul.py, baselines.py, eco.py or prompting.py; earlier stages are found through its arguments.json.
 Metrics per split: accuracy and weighted F1 of the top token over the whole vocabulary at the position
 that predicts the label (the paper's protocol; for multiple-choice rows the label is the answer letter),
 accuracy restricted to the label words a row may take (mcqa: its own choices' letters), the rate of
@@ -30,7 +30,7 @@ SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
 def parse_args(argv=None):
     p = make_parser(__doc__)
     p.add_argument("--model_checkpoints", required=True,
-                   help="a stage folder (qlora/spul/baselines/eco) or a pre-trained model (hub id, folder, smollm2-135m)")
+                   help="a stage folder (qlora/spul/baselines/eco/prompting) or a pre-trained model (hub id, folder, smollm2-135m)")
     add_data_args(p, child=True)
     add_model_args(p)
     # None = take the value the stage trained with (arguments.json), else the usual default

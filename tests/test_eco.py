@@ -207,8 +207,11 @@ def test_eco_script_threshold_ignores_test_files(eco_runs):
 def test_saved_folder_reloads_with_same_flags_and_logits(eco_runs, split_dirs, tiny_qlora):
     from utils.modeling import load_merged_model, load_tokenizer
 
+    from utils.stages import load_stage
+
     a = eco_runs[0][0]
-    model, info = load_eco_model(a)
+    model, _, loaded = load_stage(a)
+    info = loaded["eco"]
     assert info["stage"] == "eco" and model.corruption.strength == info["strength"] and model.corruption.dims == 16
     enc = PromptEncoder(load_tokenizer(a), 64)
     d = load_splits(data_dir=split_dirs[0], splits=("test_forget", "test_retain"))
@@ -220,8 +223,8 @@ def test_saved_folder_reloads_with_same_flags_and_logits(eco_runs, split_dirs, t
     assert (r["tp"], r["fp"], r["fn"], r["tn"]) == (saved["tp"], saved["fp"], saved["fn"], saved["tn"])
     # logits: a second load gives the same ones; unflagged rows are the plain merged model's
     batch = _batch(enc, d["test_forget"][:8] + d["test_retain"][:8])
-    model2, _ = load_eco_model(a)
     lm, _ = load_merged_model(tiny_qlora)
+    model2, _ = load_eco_model(a, load_merged_model(tiny_qlora)[0])
     model.mode = model2.mode = "all"  # every row corrupted: the saved σ and seed at work
     with torch.no_grad():
         assert torch.equal(model(batch["input_ids"], batch["attention_mask"]), model2(batch["input_ids"], batch["attention_mask"]))
@@ -234,7 +237,7 @@ def test_saved_folder_reloads_with_same_flags_and_logits(eco_runs, split_dirs, t
 def test_user_errors_are_one_line(eco_runs, tiny_qlora, tmp_path, sst2_dir):
     a = eco_runs[0][0]
     with pytest.raises(UserError, match="not by eco.py"):
-        load_eco_model(tiny_qlora)
+        load_eco_model(tiny_qlora, None)
     with pytest.raises(UserError, match="unknown corruption"):
         Corruption("shuffle")
     p = run_script("eco.py", "--model_checkpoints", a, "--data_dir", sst2_dir, "--output_path", tmp_path / "x", check=False)
@@ -276,3 +279,14 @@ def test_strength_search_finds_first_crossing(tokenizer):
     assert stub.mode == "classifier" and stub.corruption.strength == best
     best_k, log_k = search_strength(stub, enc, rows, 1.0, 64.0, integer=True, quiet=True)
     assert best_k == 4.0 and [e["strength"] for e in log_k["evaluations"]][:3] == [1.0, 2.0, 4.0]
+
+
+def test_loading_flows_one_way():
+    """utils.stages loads models; method modules (utils/eco.py, utils/prompting.py) wrap a model they are given and
+    never import the stage loader back."""
+    import ast
+
+    for name in ("eco.py", "prompting.py"):
+        tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "..", "utils", name)).read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & {"stages", "utils.stages"}, name

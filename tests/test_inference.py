@@ -133,14 +133,14 @@ def test_eco_stage_uses_utils_eco(tmp_path, tiny_qlora, tiny_llama, monkeypatch)
 
     calls = []
 
-    def load_eco_model(folder, dtype, lm=None):
-        calls.append((folder, dtype))
+    def load_eco_model(folder, lm):  # the stage loader hands ECO the model it loaded
+        calls.append((folder, type(lm).__name__))
         return TailLM(lm), {"sigma": 0.5}
 
     monkeypatch.setitem(sys.modules, "utils.eco", types.SimpleNamespace(load_eco_model=load_eco_model))
     folder = _write_args(tmp_path / "eco", stage="eco", model_checkpoints=tiny_qlora, model_name=tiny_llama)
     _, _, info = load_stage(folder)
-    assert calls == [(folder, torch.float32)]
+    assert calls == [(folder, "LlamaForCausalLM")]
     assert (info["method"], info["model"], info["eco"]) == ("eco", tiny_llama, {"sigma": 0.5})
 
 

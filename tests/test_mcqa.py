@@ -451,9 +451,10 @@ def test_every_stage_runs_on_mcqa_rows(qa_runs, capsys):
     with open(os.path.join(qa_runs["spul_pre"], "arguments.json")) as f:
         assert json.load(f)["generic_labels"] == "unknown"  # the task's default forget target
     # the inherited task reached ECO's saved model: its prompt mask ends at the answer cue
-    from utils.eco import load_eco_model
+    from utils.stages import load_stage
 
-    model, info = load_eco_model(qa_runs["eco"])
+    model, _, loaded = load_stage(qa_runs["eco"])
+    info = loaded["eco"]
     assert info["task"] == "mcqa" and model.cue == cue_ids(load_tokenizer(qa_runs["eco"]), "mcqa")
     # the table printed by inference_spul.py shows each split's chance level
     run_here(inference_spul, "--model_checkpoints", qa_runs["spul_pre"], *EVAL, "--resume")

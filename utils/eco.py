@@ -56,6 +56,35 @@ def mean_pool(hidden, mask):
     return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def prompt_features(lm, input_ids, attention_mask, cue, feature_layer=-1, keep=1):
+    """One plain forward of `lm`: (logits of the last `keep` positions, the prompt's mean-pooled hidden state
+    [B, d] at `feature_layer`, the prompt mask). The features of ECO's gate and of ICUL's retrieval."""
+    from .prompts import position_ids_from_mask
+
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+             logits_to_keep=keep, use_cache=False, output_hidden_states=True)
+    pmask = prompt_mask(input_ids, attention_mask, cue)
+    return out.logits, mean_pool(out.hidden_states[feature_layer], pmask), pmask
+
+
+def check_feature_layer(lm, feature_layer):
+    n_states = lm.config.num_hidden_layers + 1
+    if not -n_states <= int(feature_layer) < n_states:
+        raise UserError(f"--feature_layer {feature_layer} is out of range for a model with {n_states} hidden states")
+    return int(feature_layer)
+
+
+class FeatureLM(nn.Module):
+    """A frozen LM that only gives prompt features (row_features takes it as it takes an EcoLM)."""
+
+    def __init__(self, lm, cue, feature_layer=-1):
+        super().__init__()
+        self.lm, self.cue, self.feature_layer = lm, list(cue), check_feature_layer(lm, feature_layer)
+
+    def features(self, input_ids, attention_mask, keep=1):
+        return prompt_features(self.lm, input_ids, attention_mask, self.cue, self.feature_layer, keep)
+
+
 # ---------------------------------------------------------------- corruption
 
 def row_seed(seed, ids):
@@ -180,10 +209,7 @@ class EcoLM(nn.Module):
     def __init__(self, lm, corruption, cue, classifier=None, feature_layer=-1, mode="classifier"):
         super().__init__()
         self.lm, self.corruption, self.classifier = lm, corruption, classifier
-        self.cue, self.feature_layer, self.mode = list(cue), int(feature_layer), mode
-        n_states = lm.config.num_hidden_layers + 1
-        if not -n_states <= self.feature_layer < n_states:
-            raise UserError(f"--feature_layer {feature_layer} is out of range for a model with {n_states} hidden states")
+        self.cue, self.feature_layer, self.mode = list(cue), check_feature_layer(lm, feature_layer), mode
         self.last_flags = None
         self._pending = None  # (input_ids, positions) while a corrupted forward runs
         lm.get_input_embeddings().register_forward_hook(self._corrupt_hook)
@@ -196,12 +222,7 @@ class EcoLM(nn.Module):
 
     def features(self, input_ids, attention_mask, keep=1):
         """The plain forward: (logits of the last `keep` positions, classifier features [B, d], prompt mask)."""
-        from .prompts import position_ids_from_mask
-
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                      logits_to_keep=keep, use_cache=False, output_hidden_states=True)
-        pmask = prompt_mask(input_ids, attention_mask, self.cue)
-        return out.logits, mean_pool(out.hidden_states[self.feature_layer], pmask), pmask
+        return prompt_features(self.lm, input_ids, attention_mask, self.cue, self.feature_layer, keep)
 
     def corrupted_logits(self, input_ids, attention_mask, pmask, keep=1):
         self._pending = (input_ids, pmask)
@@ -319,26 +340,36 @@ def search_strength(eco, encoder, rows, lo, hi, rounds=10, tolerance=0.05, integ
 
 # ---------------------------------------------------------------- saving and loading
 
-def save_eco(folder, classifier, corruption, feature_layer, **extra):
+def save_classifier(folder, classifier):
+    """The fitted gate as classifier.joblib (a pickle): eco.py and a classifier-gated filter write it."""
     import joblib
 
     joblib.dump({"model": classifier.model, "threshold": classifier.threshold}, os.path.join(folder, CLASSIFIER_FILE))
+
+
+def load_classifier(folder):
+    """The PromptClassifier saved in `folder`. A pickle (joblib): load folders you wrote yourself or trust."""
+    import joblib
+
+    saved = joblib.load(os.path.join(folder, CLASSIFIER_FILE))
+    return PromptClassifier(saved["model"], saved["threshold"])
+
+
+def save_eco(folder, classifier, corruption, feature_layer, **extra):
+    save_classifier(folder, classifier)
     cfg = {**corruption.describe(), "feature_layer": feature_layer, "threshold": classifier.threshold, **extra}
     with open(os.path.join(folder, ECO_FILE), "w") as f:
         json.dump(cfg, f, indent=2, default=str)
     return cfg
 
 
-def load_eco_model(folder, dtype=torch.float32, lm=None):
-    """An eco.py folder -> (EcoLM on the model it started from (`lm`, loaded here when not given), the
-    folder's arguments.json + eco.json).
+def load_eco_model(folder, lm):
+    """An eco.py folder around the model it started from (`lm`, loaded by utils.stages) -> (EcoLM, the folder's
+    arguments.json + eco.json). Loading flows one way: utils.stages loads models, this module only wraps one.
 
     The classifier file is a pickle (joblib): load folders you wrote yourself or trust.
     """
-    import joblib
-
     from .modeling import load_tokenizer, read_arguments
-    from .stages import load_start_model
 
     info = read_arguments(folder)
     if info.get("stage") != "eco":
@@ -348,14 +379,10 @@ def load_eco_model(folder, dtype=torch.float32, lm=None):
             raise UserError(f"{folder} has no {name} or did not finish: rerun eco.py")
     with open(os.path.join(folder, ECO_FILE)) as f:
         cfg = json.load(f)
-    saved = joblib.load(os.path.join(folder, CLASSIFIER_FILE))
-    if lm is None:
-        lm, _ = load_start_model(info["model_checkpoints"], dtype=dtype)
     lm.eval()
     for p in lm.parameters():
         p.requires_grad_(False)
     tokenizer = load_tokenizer(folder)
     corruption = Corruption(cfg["corruption"], cfg["strength"], cfg.get("eco_dims"), cfg.get("noise_seed", 0))
-    model = EcoLM(lm, corruption, cue_ids(tokenizer, info.get("task")), PromptClassifier(saved["model"], saved["threshold"]),
-                  cfg["feature_layer"])
+    model = EcoLM(lm, corruption, cue_ids(tokenizer, info.get("task")), load_classifier(folder), cfg["feature_layer"])
     return model, {**info, **cfg}

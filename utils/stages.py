@@ -5,6 +5,10 @@
     spul.py folder      -> merged qlora model + the P-tuning adapter, as SoftPromptLM   "spul"
     baselines.py folder -> the saved unlearned model, or (lora: true) the merged qlora model + its LoRA adapter
     eco.py folder       -> utils.eco.load_eco_model                                      "eco"
+    prompting.py folder -> utils.prompting.load_prompting_model         "icul", "guardrail", "filter", "filter_classifier"
+
+Loading flows one way: this module loads models; method modules (utils/eco.py, utils/prompting.py) wrap the model
+they are handed and never import this one.
 
 Every returned model has the `model(input_ids, attention_mask, keep=K)` interface of utils.training.TailLM.
 A broken chain (missing folder, unfinished run, adapter of another base model) is a one-line UserError.
@@ -204,11 +208,23 @@ def load_stage(path_or_name, dtype=torch.float32, set_pad_id=False, shared_prefi
 
         parent, pinfo = _parent(name, info)
         base = pinfo["model_name"] if pinfo else parent
-        model, eco_info = load_eco_model(name, dtype, lm=load_start_model(parent, dtype)[0])
+        model, eco_info = load_eco_model(name, load_start_model(parent, dtype)[0])
         out = {"method": "eco", "model": base, "parent": parent, "eco": eco_info}
         return Stage(model, _tokenizer([name, parent, base], set_pad), _finish(out, stage, name, info))
 
-    raise UserError(f"{name} was written by an unknown stage '{stage}' (expected qlora, spul, baseline or eco)")
+    if stage == "prompting":
+        from .prompting import load_prompting_model
+
+        parent, pinfo = _parent(name, info)
+        base = pinfo["model_name"] if pinfo else parent
+        tok = _tokenizer([name, parent, base], set_pad)
+        model, cfg = load_prompting_model(name, load_start_model(parent, dtype)[0], tok)
+        out = {"method": cfg["name"], "model": base, "parent": parent, "prompting": cfg,
+               "encoder_kwargs": {"generic_labels": _generic(info)}}
+        return Stage(model, tok, _finish(out, stage, name, info))
+
+    raise UserError(f"{name} was written by an unknown stage '{stage}' (expected qlora, spul, baseline, eco or "
+                    f"prompting)")
 
 
 def _generic(info):
