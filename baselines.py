@@ -114,17 +114,14 @@ def main(argv=None):
     from utils.modeling import count_trainable, load_tokenizer, resolve_dtype
     from utils.prompts import LeftPadCollator, PromptEncoder
     from utils.reference import ReferenceCache, make_reference, store_path
-    from utils.runs import default_output, finish_run, inherit, prepare_run, remove_checkpoints, save_arguments, short_name
-    from utils.stages import load_start_model, start_point
+    from utils.runs import default_output, finish_run, prepare_run, remove_checkpoints, save_arguments, short_name
+    from utils.stages import follow, load_start_model
     from utils.tasks import resolve_generic_labels
     from utils.training import TailLM, TailLossTrainer, enable_gradient_checkpointing, train, training_arguments
 
     method = METHODS[args.unlearn_method]
     # the model it starts from and the data, checked before any model is loaded
-    parent = start_point(args.model_checkpoints, "baselines.py")
-    if os.path.isdir(args.model_checkpoints):
-        args.model_checkpoints = os.path.abspath(args.model_checkpoints)
-    inherit(args, parent, args.model_checkpoints)
+    parent = follow(args, "baselines.py")
     generic = resolve_generic_labels(args)
     data = training_splits(args)
     args.label_words = ",".join(data.label_words)

@@ -65,15 +65,12 @@ def main():
     from utils.evaluation import predict_rows, rows_to_score
     from utils.modeling import device, load_tokenizer, resolve_dtype
     from utils.prompts import PromptEncoder
-    from utils.runs import default_output, finish_run, inherit, prepare_run, save_arguments, save_json
-    from utils.stages import load_start_model, start_point
+    from utils.runs import default_output, finish_run, prepare_run, save_arguments, save_json
+    from utils.stages import follow, load_start_model
 
     set_seed(args.seed)
     # the model it starts from and the data, checked before any model is loaded
-    parent = start_point(args.model_checkpoints, "eco.py")
-    if os.path.isdir(args.model_checkpoints):
-        args.model_checkpoints = os.path.abspath(args.model_checkpoints)
-    inherit(args, parent, args.model_checkpoints)
+    parent = follow(args, "eco.py")
     base_name = parent.get("model_name", args.model_checkpoints)
     run = dict(batch_size=args.eval_batch_size, device=device(), quiet=args.quiet)
 

@@ -25,8 +25,8 @@ Writes prompting.json (and icul_index.npy or classifier.joblib), the tokenizer a
 """
 import os
 
-from utils.cli import (UserError, add_data_args, add_model_args, add_run_args, make_parser, positive_float, positive_int,
-                       run_main, set_seed)
+from utils.cli import (UserError, add_data_args, add_model_args, add_run_args, make_parser, nonneg_int, positive_float,
+                       positive_int, run_main, set_seed)
 
 
 def parse_args(argv=None):
@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="a file of forget terms, one a line (scripts/forget_terms.py derives one from the training rows)")
     g = p.add_argument_group("icul")
     g.add_argument("--icul_k", type=positive_int, default=1, help="forget examples before each query")
-    g.add_argument("--icul_l", type=int, default=5, help="retain examples after them (ICUL: context length k + L = 6)")
+    g.add_argument("--icul_l", type=nonneg_int, default=5, help="retain examples after them (ICUL: context length k + L = 6)")
     g.add_argument("--icul_label", choices=["flipped", "generic"], default="flipped",
                    help="the forget examples' answer: another label (ICUL's flip) or a generic label (SPUL's target)")
     g.add_argument("--icul_retrieval", choices=["nearest", "random"], default="nearest",
@@ -78,11 +78,9 @@ def parse_args(argv=None):
     if given:
         gate = " --filter_gate classifier" if args.method == "filter" and given[0] == "--forget_terms" else ""
         raise UserError(f"--method {args.method}{gate} takes no {given[0]}: it learns the target from the training rows"
-                        if args.method != "filter" or gate else f"--method filter matches --forget_terms, not a description")
+                        if args.method != "filter" or gate else "--method filter matches --forget_terms, not a description")
     if args.method == "filter" and args.filter_gate == "keywords" and args.forget_terms is None:
         raise UserError("--filter_gate keywords needs --forget_terms (scripts/forget_terms.py writes one)")
-    if args.icul_l < 0:
-        raise UserError(f"--icul_l must be >= 0, got {args.icul_l}")
     return args
 
 
@@ -92,16 +90,13 @@ def main():
     from utils.data import training_splits
     from utils.modeling import device, load_tokenizer, resolve_dtype
     from utils.prompts import PromptEncoder
-    from utils.runs import default_output, finish_run, inherit, prepare_run, save_arguments
-    from utils.stages import load_start_model, start_point
+    from utils.runs import default_output, finish_run, prepare_run, save_arguments
+    from utils.stages import follow, load_start_model
     from utils.tasks import resolve_generic_labels
 
     set_seed(args.seed)
     # the model it starts from, the data and the forget target, checked before any model is loaded
-    parent = start_point(args.model_checkpoints, "prompting.py")
-    if os.path.isdir(args.model_checkpoints):
-        args.model_checkpoints = os.path.abspath(args.model_checkpoints)
-    inherit(args, parent, args.model_checkpoints)
+    parent = follow(args, "prompting.py")
     base_name = parent.get("model_name", args.model_checkpoints)
     generic = resolve_generic_labels(args)
     data = training_splits(args)

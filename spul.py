@@ -10,8 +10,6 @@ data folder, max_length, row caps) are used unless given. Writes the prompt adap
 training_log.json (each loss term per logging step) and, while it runs, checkpoints (--resume continues
 from the last one).
 """
-import os
-
 from utils.cli import (add_bool, add_data_args, add_model_args, add_training_args, check_training_args, make_parser,
                        nonneg_float, positive_int, run_main, set_seed)
 
@@ -50,16 +48,13 @@ def main():
     from utils.modeling import count_trainable, load_tokenizer, resolve_dtype
     from utils.prompts import LeftPadCollator, PromptEncoder
     from utils.reference import ReferenceCache, make_reference, store_path
-    from utils.runs import default_output, finish_run, inherit, prepare_run, remove_checkpoints, save_arguments, short_name
+    from utils.runs import default_output, finish_run, prepare_run, remove_checkpoints, save_arguments, short_name
     from utils.soft_prompt import build_prompt_model
-    from utils.stages import load_start_model, start_point
+    from utils.stages import follow, load_start_model
     from utils.tasks import resolve_generic_labels
 
     # the model it starts from and the data, checked before any model is loaded: mistakes cost seconds
-    parent = start_point(args.model_checkpoints, "spul")
-    if os.path.isdir(args.model_checkpoints):
-        args.model_checkpoints = os.path.abspath(args.model_checkpoints)
-    inherit(args, parent, args.model_checkpoints)
+    parent = follow(args, "spul")
     generic = resolve_generic_labels(args)
     data = training_splits(args)
     args.label_words = ",".join(data.label_words)

@@ -19,7 +19,6 @@ other settings (another --scale or --model_name, an edited recipe) is run again.
 own folder (runs/demo, runs/demo-smoke, runs/demo-mcqa, runs/demo-mcqa-smoke). Sizes are chosen to
 finish within ~30 minutes (mcqa: ~15) on a 2-core CPU; see README for the figures.
 """
-import json
 import os
 import signal
 import subprocess

@@ -80,6 +80,13 @@ def positive_int(s):
     return v
 
 
+def nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s}")
+    return v
+
+
 def nonneg_float(s):
     v = float(s)
     if not v >= 0:  # also refuses nan

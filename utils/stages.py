@@ -130,6 +130,19 @@ def start_point(name, stage):
     return {}
 
 
+def follow(args, stage):
+    """The start of every unlearning stage: check the model it starts from (`start_point`), make a local folder's
+    path absolute, and take the data settings it left out from that folder (utils.runs.inherit). Returns the
+    parent's arguments.json ({} for a pre-trained model)."""
+    from .runs import inherit
+
+    parent = start_point(args.model_checkpoints, stage)
+    if os.path.isdir(args.model_checkpoints):
+        args.model_checkpoints = os.path.abspath(args.model_checkpoints)
+    inherit(args, parent, args.model_checkpoints)
+    return parent
+
+
 def load_start_model(name, dtype=torch.float32, device=None):
     """The model an unlearning stage starts from: the qlora.py model with its adapter merged, or a pre-trained
     model. Returns (model, base model name)."""
