@@ -220,7 +220,8 @@ def test_script_reports_bad_data_in_one_line(tmp_path):
     """A label outside {0, 1} reaches the user of qlora.py as one `error:` line, before any model loads."""
     write_split_dir(tmp_path, TOY)
     (tmp_path / "train_forget.csv").write_text("text,label,label_text\nfine,1,positive\nodd,3,x\n")
-    proc = run_script("qlora.py", "--data_dir", tmp_path, "--model_name", tmp_path / "no-model", "--quantization", "none",
+    (tmp_path / "model").mkdir()  # a folder with no model in it: the data error must come before any load
+    proc = run_script("qlora.py", "--data_dir", tmp_path, "--model_name", tmp_path / "model", "--quantization", "none",
                       "--output_path", tmp_path / "out", check=False)
     line = _one_line_error(proc)
     assert "train_forget" in line and "label" in line

@@ -47,6 +47,9 @@ def _run(script, qlora, sst2, out, batch, *extra, nproc=1):
 
 
 ROWS, FORGET_ROWS = 22, 8  # 22 rows: not a multiple of the global batch of 6
+# one test process builds the module's runs (under pytest -n, each process that ran a test here would build them)
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 SPUL = ("--num_epochs", 2, "--ptuning_num_tokens", 4)
 
 
