@@ -141,6 +141,34 @@ def test_guardrail_prompt_is_the_instruction_before_the_query(lm_enc):
         assert tok.decode(_real(ids[i], mask[i])) == tok.decode(start_tokens(tok)) + text + _template(enc, q)
 
 
+def test_guardrail_shared_instruction_gives_the_longer_inputs_logits(lm_enc):
+    """The start tokens + instruction run once as past keys/values: the same logits as every row carrying them
+    (float64, so agreement is to 1e-10, not float32 rounding), and computed once for a frozen model."""
+    from utils.prompting import guardrail_text
+
+    lm, enc = lm_enc
+    tok = enc.tokenizer
+    lm64 = type(lm)(lm.config).double().eval()
+    lm64.load_state_dict(lm.state_dict())
+    instruction = tok(guardrail_text("neutral", enc.task, terms=TERMS), add_special_tokens=False)["input_ids"]
+    shared = GuardrailLM(lm64, instruction, len(start_tokens(tok)), tok.pad_token_id)
+    full = GuardrailLM(lm64, instruction, len(start_tokens(tok)), tok.pad_token_id, shared_prefix=False)
+    b = _batch(enc, _rows(FORGET[:3] + RETAIN[:3]))
+    calls = []
+    with torch.no_grad():
+        ids, mask = full.build(b["input_ids"], b["attention_mask"])
+        want = TailLM(lm64)(ids, mask, keep=2)
+        assert torch.equal(full(b["input_ids"], b["attention_mask"], keep=2), want)
+        lm64.get_input_embeddings().register_forward_hook(lambda m, inp, out: calls.append(inp[0]))
+        got = shared(b["input_ids"], b["attention_mask"], keep=2)
+        again = shared(b["input_ids"][:2], b["attention_mask"][:2], keep=2)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-10, rtol=0)
+    assert torch.allclose(again, want[:2], atol=1e-10, rtol=0)
+    # the prefix once (a batch of one: start tokens + instruction), then each batch's queries
+    assert [c.shape[0] for c in calls] == [1, 6, 2]
+    assert calls[0][0].tolist() == start_tokens(tok) + instruction
+
+
 class SumScore:
     def decision_function(self, x):
         return np.asarray(x).sum(1)

@@ -28,6 +28,7 @@ from .cli import UserError
 from .eco import load_classifier, prompt_features, prompt_mask, row_seed
 from .modeling import tail_logits
 from .prompts import LeftPadCollator, PromptEncoder
+from .soft_prompt import forward_on_prefix, run_prefix, shared_prefix_blocker
 from .tasks import get_task
 
 METHODS = ("icul", "guardrail", "filter")
@@ -158,14 +159,43 @@ class PrefixedLM(nn.Module):
 
 
 class GuardrailLM(PrefixedLM):
-    """The same instruction (token ids) before every query."""
+    """The same instruction (token ids) before every query. The start tokens and the instruction are the same for
+    every row, so (for the architectures the soft prompt's shared prefix is verified on) their keys/values are
+    computed once and every query runs on top of them, as SPUL's shared prefix does: the cost of a plain forward,
+    not of the longer input. `shared_prefix=False`, or another architecture, runs the longer rows."""
 
-    def __init__(self, lm, instruction_ids, n_start, pad_id):
+    def __init__(self, lm, instruction_ids, n_start, pad_id, shared_prefix=True):
         super().__init__(lm, n_start, pad_id)
-        self.instruction = list(instruction_ids)
+        self.instruction, self.shared_prefix = list(instruction_ids), shared_prefix
+        self._cached_prefix = None  # (state, start + instruction ids, keys/values)
 
     def contexts(self, input_ids, attention_mask):
         return [self.instruction] * len(input_ids)
+
+    def forward(self, input_ids, attention_mask, keep=1, reference=False):
+        if reference or not self.shared_prefix or shared_prefix_blocker(self.lm) is not None:
+            return super().forward(input_ids, attention_mask, keep, reference)
+        rows = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist())]
+        starts = {tuple(r[:self.n_start]) for r in rows}
+        if len(starts) != 1:  # rows with start tokens of their own: no shared prefix
+            return super().forward(input_ids, attention_mask, keep, reference)
+        batch = LeftPadCollator(self.pad_id)([{"input_ids": r[self.n_start:]} for r in rows])
+        prefix = self._prefix(list(starts.pop()) + self.instruction, input_ids.device)
+        return forward_on_prefix(self.lm, prefix, batch["input_ids"].to(input_ids.device),
+                                 batch["attention_mask"].to(input_ids.device), keep)
+
+    def _prefix(self, ids, device):
+        """The keys/values of the start tokens + instruction, computed once for these ids, weights, dtype and
+        autocast (the LM is frozen; computed afresh when grad is on)."""
+        weight = self.lm.get_input_embeddings().weight
+        kind = weight.device.type
+        state = (tuple(ids), id(weight), weight._version, weight.device, weight.dtype,
+                 torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind))
+        if torch.is_grad_enabled():
+            return run_prefix(self.lm, input_ids=torch.tensor([ids], device=device))
+        if self._cached_prefix is None or self._cached_prefix[0] != state:
+            self._cached_prefix = (state, run_prefix(self.lm, input_ids=torch.tensor([ids], device=device)))
+        return self._cached_prefix[1]
 
 
 class IculLM(PrefixedLM):

@@ -80,16 +80,7 @@ class SoftPromptLM(nn.Module):
     # ------------------------------------------------------------ the shared prefix
 
     def _shared_forward(self, input_ids, attention_mask, keep):
-        prefix = self._prefix()
-        p = prefix[0][0].shape[-2]
-        mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], p), attention_mask], dim=1)
-        cache = SharedPrefixCache(prefix)
-        with _cache_kept_under_checkpointing(self.lm):
-            out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, p:],
-                          **{_cache_kwarg(type(self.lm)): cache}, logits_to_keep=keep, use_cache=False)
-        if cache.read_layers != set(range(len(prefix))):  # a layer ran without the prefix: never a silent difference
-            raise RuntimeError(f"the LM read the shared prefix in layers {sorted(cache.read_layers)} of {len(prefix)}")
-        return out.logits
+        return forward_on_prefix(self.lm, self._prefix(), input_ids, attention_mask, keep)
 
     def _prefix(self):
         """Per layer (keys, values) of the virtual tokens [1, heads, p, dim]: afresh while gradients can flow
@@ -105,16 +96,7 @@ class SoftPromptLM(nn.Module):
     def _run_prefix(self):
         """The virtual tokens through the LM as a batch of one at positions 0..p-1, their keys/values recorded."""
         weight = self.lm.get_input_embeddings().weight
-        virtual = self.peft_model.get_prompt(batch_size=1).to(weight.dtype)
-        positions = torch.arange(virtual.shape[1], device=virtual.device)[None]
-        cache = Cache(layer_class_to_replicate=_RecordLayer)
-        with _cache_kept_under_checkpointing(self.lm):
-            self.lm.base_model(inputs_embeds=virtual, position_ids=positions, **{_cache_kwarg(type(self.lm.base_model)): cache},
-                               use_cache=False)
-        n_layers = self.lm.config.get_text_config().num_hidden_layers
-        if len(cache.layers) != n_layers or not all(layer.is_initialized for layer in cache.layers):
-            raise RuntimeError(f"the LM recorded the prefix in {len(cache.layers)} of {n_layers} layers")
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        return run_prefix(self.lm, inputs_embeds=self.peft_model.get_prompt(batch_size=1).to(weight.dtype))
 
     def _prompt_state(self):
         """Changes whenever the prompt encoder's weights do (an in-place update bumps a tensor's version),
@@ -127,7 +109,7 @@ class SoftPromptLM(nn.Module):
                 tuple((id(p), p._version, p.device, p.dtype) for p in enc.parameters()))
 
     def _shared_prefix_usable(self):
-        reason = _shared_prefix_blocker(self.lm)
+        reason = shared_prefix_blocker(self.lm)
         if reason is None:
             return True
         if reason not in self._notices:
@@ -136,7 +118,35 @@ class SoftPromptLM(nn.Module):
         return False
 
 
-def _shared_prefix_blocker(lm):
+def run_prefix(lm, **inputs):
+    """A prefix shared by every row (`inputs_embeds` or `input_ids`, a batch of one) through the LM at positions
+    0..p-1: per layer its (keys, values) [1, heads, p, dim]."""
+    first = next(iter(inputs.values()))
+    positions = torch.arange(first.shape[1], device=first.device)[None]
+    cache = Cache(layer_class_to_replicate=_RecordLayer)
+    with _cache_kept_under_checkpointing(lm):
+        lm.base_model(**inputs, position_ids=positions, **{_cache_kwarg(type(lm.base_model)): cache}, use_cache=False)
+    n_layers = lm.config.get_text_config().num_hidden_layers
+    if len(cache.layers) != n_layers or not all(layer.is_initialized for layer in cache.layers):
+        raise RuntimeError(f"the LM recorded the prefix in {len(cache.layers)} of {n_layers} layers")
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def forward_on_prefix(lm, prefix, input_ids, attention_mask, keep=1):
+    """Logits of the last `keep` positions of left-padded rows that each follow `prefix` (run_prefix's keys/values):
+    the rows run on top of it as past keys/values, positions counted on after it."""
+    p = prefix[0][0].shape[-2]
+    mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], p), attention_mask], dim=1)
+    cache = SharedPrefixCache(prefix)
+    with _cache_kept_under_checkpointing(lm):
+        out = lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, p:],
+                 **{_cache_kwarg(type(lm)): cache}, logits_to_keep=keep, use_cache=False)
+    if cache.read_layers != set(range(len(prefix))):  # a layer ran without the prefix: never a silent difference
+        raise RuntimeError(f"the LM read the shared prefix in layers {sorted(cache.read_layers)} of {len(prefix)}")
+    return out.logits
+
+
+def shared_prefix_blocker(lm):
     """Why this forward cannot take the shared prefix with the full path's numbers, or None."""
     cfg = lm.config.get_text_config()
     if cfg.model_type not in SHARED_PREFIX_MODEL_TYPES:
