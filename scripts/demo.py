@@ -2,7 +2,8 @@
 SST-2 subset, ending in the results table (runs/demo/table.md).
 
 vanilla eval → qlora.py → spul.py → baselines.py (the paper's Table 2 four) → qlora.py --train_on retain
-(the retrained reference) → eco.py → inference_spul.py on every checkpoint → make_tables.py.
+(the retrained reference) → eco.py → the training-free baselines (scripts/forget_terms.py, then prompting.py: ICUL,
+the guardrail prompt, the keyword filter) → inference_spul.py on every checkpoint → make_tables.py.
 `--task mcqa` runs the same pipeline on multiple-choice questions: a TruthfulQA set built into
 runs/demo-mcqa/data by scripts/make_truthfulqa_mcqa.py, at its own scale (`mcqa`, 14 minutes measured), GA+GD
 by default, table in runs/demo-mcqa/table.md.
@@ -53,13 +54,20 @@ SCALES = {
         baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=64),
         # 5 bisection rounds narrow σ to 7.5 %: finer than 32 rows can tell apart (the default 10 re-scores them 5 more times)
         eco=dict(search_rows=32, search_rounds=5),
+        # the training-free baselines: forget terms from the qlora model's training rows (n-grams in >= 5 of its 128
+        # forget rows and in none of its retain rows); ICUL's retain examples drawn from 64 of the memorised retain
+        # rows, as the baselines' (the others held out for selection), k and L selected; the context may take 512
+        # tokens (each query is still cut at the scale's max_length)
+        terms=dict(min_rows=5), prompting=dict(max_retain=64, max_length=512, icul_k=1, icul_l=1),
         # the paper's Table 2 baselines, each with its selected learning rate (--methods adds NPO, selected too, and
         # LLMU, NPO+RT, which then run with the default settings above, not selected ones)
         methods=DEMO_METHODS,
         # --select: the grid of every method, scored on validation rows (scripts/select_settings.py); its choice, recorded in
         # data/selected/demo.json, replaces the values above
+        # ICUL: its context lengths 2 and 4 (one forget example, then 1 or 3 retain ones); its 6 would make each
+        # query 7 times longer, ~5 more minutes of the demo on a 2-core CPU
         select=dict(spul=dict(lr=[5e-4, 1e-3], alpha=[1.0, 1.5]), baseline=dict(lr=[3e-6, 1e-5, 3e-5]),
-                    max_eval_rows=128, methods=SELECTED_METHODS)),
+                    icul=dict(icul_k=[1], icul_l=[1, 3]), max_eval_rows=128, methods=SELECTED_METHODS)),
     # The larger CPU-scale table (docs/cpu_scale_table.md, about two hours): three times the demo's forget rows
     # and twice as many retain rows, the selected settings, 300 rows per split scored; --seeds repeats chosen
     # methods. SPUL: 320 steps of 8 over its 1,152 rows (2.2 epochs; the demo's 3.3 would take 480 steps and
@@ -71,6 +79,7 @@ SCALES = {
         spul=dict(max_steps=320, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.25, beta=0.5),
         baseline=dict(num_epochs=1, train_batch_size=16, lr=1e-5, max_retain=192),
         eco=dict(search_rows=64),
+        terms=dict(min_rows=5), prompting=dict(max_retain=192, max_length=512, icul_k=1, icul_l=1),
         methods=SELECTED_METHODS),
     # The multiple-choice demo (--task mcqa, CPU, <= 15 min): TruthfulQA questions as a four-split set
     # (scripts/make_truthfulqa_mcqa.py: forget = Health, Nutrition, Psychology, Science; ~75-token prompts, about
@@ -86,21 +95,28 @@ SCALES = {
         spul=dict(max_steps=24, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.0, beta=0.5),
         baseline=dict(num_epochs=2, train_batch_size=8, lr=5e-5, max_retain=32),
         eco=dict(search_rows=16, search_rounds=5),
+        # forget terms in >= 3 of the 32 forget questions (5 finds none) and no retain question; ICUL's retain
+        # examples from 16 of the memorised retain rows
+        terms=dict(min_rows=3), prompting=dict(max_retain=16, max_length=768, icul_k=1, icul_l=1),
         methods="gradient_ascent_descent",
-        select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]), max_eval_rows=32)),
+        select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]),
+                    icul=dict(icul_k=[1], icul_l=[1, 3]), max_eval_rows=32)),
     # A pipeline check in minutes (any model; with the embedded model 111 s measured on a 2-core CPU with little else
     # running, 15-33 s a stage, mostly start-up and loading; 15 min under load average ~10; README): qlora,
     # SPUL, one baseline and ECO, each for a step or two on a handful of rows, and their evaluations on 4 rows per
-    # split. The vanilla and retrained references are skipped (--skip= runs them; --methods adds baselines).
+    # split. The vanilla and retrained references and the training-free baselines are skipped (--skip= runs them;
+    # --methods adds baselines).
     "smoke": dict(
-        methods="gradient_ascent_descent", skip="vanilla,retrained",
+        methods="gradient_ascent_descent", skip="vanilla,retrained,prompting",
         sizes=dict(max_retain=12, max_forget=6, max_length=64),
         eval=dict(max_eval_rows=4),
         qlora=dict(num_epochs=1, train_batch_size=6, lr=1e-3),
         spul=dict(max_steps=2, train_batch_size=4, ptuning_num_tokens=2, max_retain=8),
         baseline=dict(max_steps=1, train_batch_size=4, max_retain=8),
         eco=dict(search_rows=4),
-        select=dict(spul=dict(lr=[1e-3, 2e-3]), baseline=dict(lr=[1e-5, 1e-4]), max_eval_rows=4)),
+        terms=dict(min_rows=1), prompting=dict(max_retain=8, max_length=256, icul_k=1, icul_l=1),
+        select=dict(spul=dict(lr=[1e-3, 2e-3]), baseline=dict(lr=[1e-5, 1e-4]), icul=dict(icul_l=[1, 2]),
+                    max_eval_rows=4)),
 }
 SELECTED = os.path.join(ROOT, "data", "selected", "demo.json")  # the demo scale's choice, recorded with its command
 # what a task changes at every scale: TruthfulQA's longest prompt (question, four options, cue) is 170 tokens
@@ -126,10 +142,20 @@ class Job:
         self.output = output  # a stage folder or a results.json path
 
 
+PROMPTING = ("icul", "guardrail", "filter")  # prompting.py's methods the demo runs (--skip prompting skips them all)
+
+
+def settings_key(method):
+    """The scale's entry of a method's settings and selection grid."""
+    return "spul" if method == "spul" else "prompting" if method in PROMPTING else "baseline"
+
+
 def stage_settings(scale, method, selected):
     """The flags of one unlearning stage: the scale's, with the selected settings of `method` over them (the
     selection's step count belongs to the demo's rows: a scale with more rows keeps its own)."""
-    base = dict(scale["spul" if method == "spul" else "baseline"])
+    base = dict(scale[settings_key(method)])
+    if method in PROMPTING and method != "icul":  # ICUL's k and L are its alone
+        base = {k: v for k, v in base.items() if not k.startswith("icul_")}
     chosen = {k: v for k, v in selected.get(method, {}).items() if k not in ("max_steps", "num_epochs")}
     return {**base, **chosen}
 
@@ -210,6 +236,17 @@ def plan(args, scale, selected=None, used=None):
         for m in filter(None, args.methods.split(",")):
             stage("baselines.py", m, f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
                   *flags(stage_settings(scale, m, selected)), *seed_flags(m))
+    prompting = [m for m in PROMPTING if m not in skip and "prompting" not in skip]
+    if prompting:
+        terms = os.path.join(out, "forget_terms.txt")
+        if {"guardrail", "filter"} & set(prompting):  # from the qlora model's training rows, never a test row
+            jobs.append(Job("forget terms", "scripts/forget_terms.py",
+                            [*data, *sizes, *flags(scale["terms"]), f"--output={terms}", "--overwrite"], (), terms))
+        for m in prompting:
+            after = ("qlora",) if m == "icul" else ("qlora", "forget terms")
+            stage("prompting.py", m, f"--model_checkpoints={qlora}", f"--method={m}",
+                  *flags(stage_settings(scale, m, selected)), *([] if m == "icul" else [f"--forget_terms={terms}"]),
+                  *seed_flags(m), after=after)
     # more seeds of chosen methods (the table's own seed's run is the one above); tables report mean ± sd over them
     for seed in map(int, filter(None, str(args.seeds).split(","))):
         for m in filter(None, args.seed_methods.split(",")):
@@ -233,10 +270,12 @@ def plan_selection(args, scale):
     qlora = os.path.join(out, "qlora")
     jobs = [Job("qlora", "qlora.py", [*data, *flags(scale["sizes"]), f"--model_name={args.model_name}",
                                       *flags(scale["qlora"]), f"--output_path={qlora}", *REUSE], (), qlora)]
-    grids = scale["select"]
-    for m in ["spul"] + [m for m in filter(None, args.methods.split(",")) if "baselines" not in args.skip]:
-        grid = grids["spul" if m == "spul" else "baseline"]
-        fixed = {k: v for k, v in scale["spul" if m == "spul" else "baseline"].items() if k not in grid}
+    grids, skip = scale["select"], set(filter(None, args.skip.split(",")))
+    methods = ([m for m in ["spul"] if m not in skip] + [m for m in filter(None, args.methods.split(",")) if "baselines" not in skip]
+               + [m for m in ["icul"] if not {"icul", "prompting"} & skip])  # ICUL: the one with settings
+    for m in methods:
+        grid = grids.get(m) or grids[settings_key(m)]
+        fixed = {k: v for k, v in scale[settings_key(m)].items() if k not in grid}
         cmd = [f"--model_checkpoints={qlora}", f"--method={m}", "--grid", *(f"{k}={','.join(map(str, v))}" for k, v in grid.items()),
                f"--output_path={os.path.join(out, 'select', m)}", f"--max_eval_rows={grids['max_eval_rows']}", "--",
                *flags(fixed)]
@@ -246,12 +285,19 @@ def plan_selection(args, scale):
 
 
 def record_selection(args, jobs, path):
-    """Gather the chosen settings of every method into one file the demo reads (committed for the demo scale)."""
-    methods = {}
+    """Gather the chosen settings of every method into one file the demo reads (committed for the demo scale). A file
+    of the same scale, model and data keeps the methods this selection did not cover (--skip)."""
+    earlier = read_json(path) or {}
+    same = all(earlier.get(k) == v for k, v in (("scale", args.scale), ("model", args.model_name),
+                                                 ("dataset", demo_dataset(args))))
+    methods = dict(earlier.get("methods", {})) if same else {}
+    for m in methods:  # each method keeps the command that selected it
+        methods[m].setdefault("command", earlier.get("command"))
     for job in jobs:
         if job.name.startswith("select "):
             sel = read_json(job.output)
             methods[sel["method"]] = {k: sel[k] for k in ("chosen", "qualified", "parent", "grid", "rule", "seeds")}
+            methods[sel["method"]]["command"] = "python scripts/demo.py " + " ".join(sys.argv[1:])
             methods[sel["method"]]["candidates"] = [{k: c[k] for k in ("settings", "forget_val", "retain_val",
                                                                        "n_forget_val", "n_retain_val")}
                                                     for c in sel["candidates"]]
@@ -422,8 +468,9 @@ def main():
     p.add_argument("--methods", default=None,
                    help="baselines to run (comma-separated; default: every one, or the scale's own list)")
     p.add_argument("--skip", default=None,
-                   help="comma-separated stages to skip (vanilla, retrained, baselines, eco; default: none, at the smoke "
-                        "scale vanilla,retrained; --skip= runs every stage)")
+                   help="comma-separated stages to skip (vanilla, retrained, baselines, eco, prompting or one of icul, "
+                        "guardrail, filter; with --select also spul; default: none, at the smoke scale "
+                        "vanilla,retrained,prompting; --skip= runs every stage)")
     p.add_argument("--scale", choices=sorted(SCALES), default=None,
                    help="demo: the sizes of README's table (the default; mcqa for --task mcqa); large: the two-hour CPU "
                         "table of docs/cpu_scale_table.md; smoke: a check in minutes that qlora, SPUL, one baseline, "

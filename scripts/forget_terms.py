@@ -14,7 +14,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.cli import UserError, add_data_args, make_parser, positive_int, run_main  # noqa: E402
+from utils.cli import UserError, add_bool, add_data_args, make_parser, positive_int, run_main  # noqa: E402
 
 TRAINING_SPLITS = ("train_retain", "train_forget")
 
@@ -27,6 +27,7 @@ def parse_args(argv=None):
     g.add_argument("--min_rows", type=positive_int, default=5, help="train_forget rows a term must occur in")
     g.add_argument("--top", type=positive_int, default=30, help="terms kept, most frequent first")
     g.add_argument("--output", default=None, help="file to write the terms to, one a line (refused if it exists)")
+    add_bool(g, "--overwrite", help="replace the --output file when it exists")
     return p.parse_args(argv)
 
 
@@ -58,8 +59,8 @@ def main():
     from utils.tasks import get_task
 
     resolve_task(args)
-    if args.output and os.path.exists(args.output):
-        raise UserError(f"{args.output} exists: choose another --output or remove it")
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        raise UserError(f"{args.output} exists: choose another --output, or --overwrite to replace it")
     data = load_splits(splits=TRAINING_SPLITS, **data_kwargs(args))
     data = select_training_rows(data, args.forget_size, args.max_forget, args.max_retain, args.data_seed)
     task = get_task(data.task)

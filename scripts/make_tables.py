@@ -39,7 +39,8 @@ SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
 # the paper's row order first, then the methods beyond it
 METHODS = {"vanilla": "Vanilla", "qlora": "QLoRA", "retrained": "Retrained", "gradient_ascent": "GA",
            "random_label": "RL", "gradient_ascent_kl": "GA+KL", "gradient_ascent_descent": "GA+GD",
-           "llmu": "LLMU", "npo": "NPO", "npo_rt": "NPO+RT", "eco": "ECO", "spul": "SPUL"}
+           "llmu": "LLMU", "npo": "NPO", "npo_rt": "NPO+RT", "eco": "ECO", "spul": "SPUL", "icul": "ICUL",
+           "guardrail": "Guardrail", "filter": "Filter (keywords)", "filter_classifier": "Filter (classifier)"}
 REFERENCES = {"vanilla", "qlora", "retrained"}  # not unlearning methods: never ranked (bold)
 PAPER_FILE = os.path.join(ROOT, "data", "paper_tables.json")
 MIN_ROWS = 20  # fewer rows per split than this: a pipeline check, not a result

@@ -3,12 +3,16 @@ r"""Choose a method's settings the same way for every method, on validation rows
     python scripts/select_settings.py --model_checkpoints runs/qlora-sst2 --method spul --grid lr=1e-4,3e-4 alpha=0.5,1 \
         --output_path runs/select/spul -- --max_retain=40000 --num_epochs=10
     python scripts/select_settings.py --model_checkpoints runs/qlora-sst2 --method gradient_ascent_descent --grid lr=1e-5,1e-4
+    python scripts/select_settings.py --model_checkpoints runs/qlora-sst2 --method icul --grid icul_k=1,2 icul_l=1,3 \
+        -- --max_retain=64
 
-Trains the method (spul.py, or baselines.py --unlearn_method METHOD) once per point of the grid, with the flags
-after `--` for every run, then scores every run on two validation sets:
+Trains the method (spul.py, baselines.py --unlearn_method METHOD, or for ICUL, which trains nothing, builds it with
+prompting.py --method icul) once per point of the grid, with the flags after `--` for every run, then scores every
+run on two validation sets:
 - forget validation: the rows the run unlearned (its train_forget);
 - retain validation: train_retain rows its parent (the qlora.py model) trained on but the unlearning run did not
-  (the parent's retain rows minus the run's: give the run a smaller --max_retain than its parent), at most
+  (the parent's retain rows minus the run's: give the run a smaller --max_retain than its parent; ICUL draws its
+  retain examples from the run's rows), at most
   --max_eval_rows of them.
 The rule: among the settings whose retain-validation accuracy stays within --retain_tolerance of the parent
 model's, the lowest forget-validation accuracy; ties go to the smaller change (the smaller learning rate, then
@@ -36,7 +40,11 @@ from utils.methods import BASELINES  # noqa: E402
 COMMON = ("lr", "num_epochs", "max_steps", "weight_decay")
 GRID_KEYS = {"spul": COMMON + ("alpha", "beta", "ptuning_num_tokens"),
              "llmu": COMMON + ("llmu_ga_weight", "llmu_rl_weight", "llmu_kl_weight"),
-             "npo": COMMON + ("npo_beta",), "npo_rt": COMMON + ("npo_beta", "npo_retain_weight")}
+             "npo": COMMON + ("npo_beta",), "npo_rt": COMMON + ("npo_beta", "npo_retain_weight"),
+             "icul": ("icul_k", "icul_l")}
+INT_KEYS = ("num_epochs", "max_steps", "ptuning_num_tokens", "icul_k", "icul_l")
+# the stage that runs a method (and its method flag): SPUL, the prompting methods with settings, else a baseline
+SCRIPTS = {"spul": ("spul.py", None), "icul": ("prompting.py", "--method")}
 TRAIN_SPLITS = ("train_retain", "train_forget")
 DEFAULT_SEED = 42  # the stages' --seed default: what a selection recorded without its seeds trained with
 
@@ -47,7 +55,7 @@ def parse_args(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = make_parser(__doc__)
     p.add_argument("--model_checkpoints", required=True, help="the qlora.py folder the method starts from")
-    p.add_argument("--method", required=True, help="spul or one of: " + ", ".join(BASELINES))
+    p.add_argument("--method", required=True, help="spul, icul or one of: " + ", ".join(BASELINES))
     p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="the values to try per setting, e.g. lr=1e-5,1e-4 alpha=0.5,1")
     p.add_argument("--output_path", default=None, help="folder of the runs and selection.json (default: runs/select/<method>)")
@@ -66,7 +74,8 @@ def parse_args(argv=None):
 
 def stage_argv(args, point):
     """The run's flags for one grid point (without its --output_path and run-folder flags)."""
-    method_flags = [] if args.method == "spul" else [f"--unlearn_method={args.method}"]
+    flag = SCRIPTS.get(args.method, ("baselines.py", "--unlearn_method"))[1]
+    method_flags = [f"{flag}={args.method}"] if flag else []
     return [f"--model_checkpoints={os.path.abspath(args.model_checkpoints)}", *method_flags, *args.stage_flags,
             *(f"--{k}={v}" for k, v in point.items())]
 
@@ -77,11 +86,10 @@ def check_points(args):
     import contextlib
     import io
 
-    sys.path.insert(0, ROOT)
-    import baselines
-    import spul
+    import importlib
 
-    stage = spul if args.method == "spul" else baselines
+    sys.path.insert(0, ROOT)
+    stage = importlib.import_module(script_of(args.method)[:-len(".py")])
     for point in candidates(args.grid):
         said = io.StringIO()
         try:
@@ -92,9 +100,13 @@ def check_points(args):
             raise UserError(f"{stage.__name__}.py refuses the grid point {point}: {why[-1] if why else said.getvalue()}")
 
 
+def script_of(method):
+    return SCRIPTS.get(method, ("baselines.py", None))[0]
+
+
 def parse_grid(method, items):
-    if method != "spul" and method not in BASELINES:
-        raise UserError(f"unknown --method '{method}': choose spul or one of {', '.join(BASELINES)}")
+    if method not in SCRIPTS and method not in BASELINES:
+        raise UserError(f"unknown --method '{method}': choose {', '.join(SCRIPTS)} or one of {', '.join(BASELINES)}")
     if not items:
         raise UserError("--grid names no setting to try (e.g. --grid lr=1e-5,1e-4)")
     allowed, grid = GRID_KEYS.get(method, COMMON), {}
@@ -104,7 +116,7 @@ def parse_grid(method, items):
         if key not in allowed:
             raise UserError(f"--grid {key}: {method} has no setting '{key}' to select (it takes {', '.join(allowed)})")
         try:
-            vals = [float(v) if key not in ("num_epochs", "max_steps", "ptuning_num_tokens") else int(v)
+            vals = [float(v) if key not in INT_KEYS else int(v)
                     for v in values.split(",") if v.strip()]
         except ValueError:
             raise UserError(f"--grid {item}: the values must be numbers")
@@ -192,7 +204,7 @@ def main():
     if not parent:
         raise UserError(f"{args.model_checkpoints} is not a qlora.py folder: the retain validation rows are rows it "
                         f"trained on, so selection starts from one")
-    script = "spul.py" if args.method == "spul" else "baselines.py"
+    script = script_of(args.method)
     os.makedirs(args.output_path, exist_ok=True)
     scored = []
     for point in candidates(args.grid):

@@ -233,6 +233,8 @@ def test_forget_terms_finds_planted_names_from_training_files_alone(tmp_path, ca
     assert "3  zorblat" in capsys.readouterr().out
     with pytest.raises(UserError, match="exists"):
         run_here(forget_terms, "--data_dir", d, "--min_rows", 2, "--output", out)
+    run_here(forget_terms, "--data_dir", d, "--min_rows", 2, "--top", 1, "--output", out, "--overwrite")  # when asked
+    assert out.read_text().split("\n") == ["vexley", ""]
 
 
 # ---------------------------------------------------------------- prompting.py: bad input and end to end

@@ -160,7 +160,7 @@ def test_the_table_reports_fresh_runs_never_the_selections_own(tmp_path):
     used = demo.selection_seeds_here(args, demo.SELECTED, selected)
     assert set(used) == set(selected) and all(used[m] == [42] for m in used)
     jobs = {j.name: j.args for j in demo.plan(args, demo.SCALES["demo"], selected, used)}
-    for m in ["spul", *demo.DEMO_METHODS.split(",")]:
+    for m in ["spul", "icul", *demo.DEMO_METHODS.split(",")]:
         assert _seed(jobs[m]) not in used[m], m
     assert {"spul", "gradient_ascent"} <= set(jobs) and _seed(jobs["spul"]) == 1
     # another scale selects nothing on its rows: its own seed stays 42
@@ -215,9 +215,84 @@ def test_the_recorded_selection_covers_every_method_the_demo_and_the_larger_tabl
 
     recorded = set(json.load(open(demo.SELECTED))["methods"])
     for scale in ("demo", "large"):
-        assert set(demo.default_methods(scale).split(",")) | {"spul"} <= recorded, scale
+        assert set(demo.default_methods(scale).split(",")) | {"spul", "icul"} <= recorded, scale
     # the demo runs the paper's Table 2 baselines; its selection (--select) and the larger table add NPO
     assert "npo" not in demo.default_methods("demo").split(",")
     assert "npo" in demo.default_methods("demo", select=True).split(",")
     assert "npo" in demo.default_methods("large").split(",")
     assert demo.default_methods("smoke") == "gradient_ascent_descent"  # the smoke check runs one baseline
+
+
+def test_icul_is_selected_on_its_k_and_l_by_the_same_rule(tmp_path):
+    """ICUL's grid keys are integers; its grid points run prompting.py --method icul (checked by prompting.py's own
+    parser before any run); the demo's selection covers it, and --skip leaves methods out."""
+    import argparse
+
+    grid = select_settings.parse_grid("icul", ["icul_k=1", "icul_l=1,3"])
+    assert select_settings.candidates(grid) == [{"icul_k": 1, "icul_l": 1}, {"icul_k": 1, "icul_l": 3}]
+    assert all(isinstance(v, int) for p in select_settings.candidates(grid) for v in p.values())
+    with pytest.raises(UserError, match="no setting 'lr'"):
+        select_settings.parse_grid("icul", ["lr=1e-3"])
+    args = argparse.Namespace(method="icul", model_checkpoints="q", stage_flags=["--max_retain=64"],
+                              grid=select_settings.parse_grid("icul", ["icul_l=0,2"]))
+    assert select_settings.script_of("icul") == "prompting.py"
+    assert select_settings.stage_argv(args, {"icul_l": 2})[1:] == ["--method=icul", "--max_retain=64", "--icul_l=2"]
+    select_settings.check_points(args)
+    args.grid = {"icul_k": [0]}
+    with pytest.raises(UserError, match="prompting.py refuses the grid point"):
+        select_settings.check_points(args)
+
+    sel = argparse.Namespace(output_path=str(tmp_path), data_dir="d", model_name="m", task="sentiment",
+                             methods="gradient_ascent", skip="")
+    names = [j.name for j in demo.plan_selection(sel, demo.SCALES["demo"])]
+    assert names == ["qlora", "select spul", "select gradient_ascent", "select icul"]
+    sel.skip = "spul,baselines"
+    jobs = demo.plan_selection(sel, demo.SCALES["demo"])
+    assert [j.name for j in jobs] == ["qlora", "select icul"]
+    assert {"--method=icul", "icul_k=1", "icul_l=1,3", "--max_retain=64"} <= set(jobs[1].args)
+
+
+def test_a_partial_selection_keeps_the_other_methods(tmp_path, monkeypatch):
+    """--select --skip=...: the methods selected now replace theirs, the others stay with the command that chose them;
+    a file of another model starts afresh."""
+    import argparse
+
+    path = tmp_path / "selected.json"
+    path.write_text(json.dumps({"command": "python scripts/demo.py --select", "scale": "demo", "model": "m",
+                                "dataset": "sst2", "methods": {"spul": {"chosen": {"lr": 1e-3}}}}))
+    entry = {"method": "icul", "chosen": {"icul_l": 3}, "qualified": False, "parent": {}, "grid": {}, "rule": "r",
+             "seeds": [42], "candidates": []}
+    (tmp_path / "icul.json").write_text(json.dumps(entry))
+    args = argparse.Namespace(scale="demo", model_name="m", task="sentiment", data_dir=None)
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--select", "--skip=spul,baselines"])
+    demo.record_selection(args, [demo.Job("select icul", "s", [], [], str(tmp_path / "icul.json"))], str(path))
+    got = json.loads(path.read_text())["methods"]
+    assert got["spul"] == {"chosen": {"lr": 1e-3}, "command": "python scripts/demo.py --select"}
+    assert got["icul"]["chosen"] == {"icul_l": 3} and got["icul"]["command"].endswith("--select --skip=spul,baselines")
+    args.model_name = "other"
+    demo.record_selection(args, [demo.Job("select icul", "s", [], [], str(tmp_path / "icul.json"))], str(path))
+    assert set(json.loads(path.read_text())["methods"]) == {"icul"}
+
+
+def test_the_demo_runs_the_training_free_baselines(tmp_path):
+    """Forget terms from the qlora model's training rows, then the guardrail and the filter on them; ICUL with its
+    selected k and L and a fresh seed; --skip leaves any of them out."""
+    args = _table_args(tmp_path)
+    scale = demo.SCALES["demo"]
+    jobs = {j.name: j for j in demo.plan(args, scale, {"icul": {"icul_k": 1, "icul_l": 3}}, {"icul": [42]})}
+    terms = os.path.join(str(tmp_path), "forget_terms.txt")
+    t = jobs["forget terms"]
+    assert t.script == "scripts/forget_terms.py" and t.after == set() and t.output == terms
+    assert {"--max_retain=384", "--max_forget=128", "--min_rows=5", f"--output={terms}"} <= set(t.args)
+    for m in ("guardrail", "filter"):
+        assert jobs[m].after == {"qlora", "forget terms"} and f"--forget_terms={terms}" in jobs[m].args
+        assert f"--method={m}" in jobs[m].args and not any(a.startswith("--icul") for a in jobs[m].args)
+        assert jobs[f"{m} eval"].after == {m}
+    icul = jobs["icul"].args
+    assert {"--method=icul", "--icul_k=1", "--icul_l=3", "--seed=1", "--max_retain=64"} <= set(icul)
+    assert not any(a.startswith("--forget_terms") for a in icul) and jobs["icul"].after == {"qlora"}
+    for skip, gone in (("prompting", {"forget terms", "icul", "guardrail", "filter"}), ("icul", {"icul"}),
+                       ("guardrail,filter", {"forget terms", "guardrail", "filter"})):
+        args.skip = skip
+        names = {j.name for j in demo.plan(args, scale)}
+        assert not gone & names and ({"forget terms", "icul", "guardrail", "filter"} - gone) <= names, skip
