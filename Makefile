@@ -48,7 +48,7 @@ bench-smoke: $(STAMP)
 	mkdir -p $(BENCH_SMOKE_OUT)
 	export OMP_NUM_THREADS=1; S="--repeats 1 --batch_size 4"; O=$(BENCH_SMOKE_OUT); \
 	$(PYTHON) bench/spul_vs_gagd_step.py $$S --p_values 10 --memory_repeats 1 --out $$O/spul_vs_gagd_step.json && \
-	$(PYTHON) bench/eval_throughput.py $$S --rows 8 --eco_fit_rows 16 --out $$O/eval_throughput.json && \
+	$(PYTHON) bench/eval_throughput.py $$S --rows 8 --eco_fit_rows 16 --icul_forget_rows 16 --icul_l 1 --out $$O/eval_throughput.json && \
 	$(PYTHON) bench/epoch_floor.py $$S --out $$O/epoch_floor.json && \
 	$(PYTHON) bench/kl_reference.py $$S --kl_rows 4 --grid_rows 8 --out $$O/kl_reference.json && \
 	$(PYTHON) bench/shared_prefix.py $$S --p_values 10 --out $$O/shared_prefix.json

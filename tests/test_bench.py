@@ -72,11 +72,20 @@ def test_epoch_floor(tiny_llama, sst2_dir, tmp_path):
 
 def test_eval_throughput(tiny_llama, sst2_dir, tmp_path):
     res, _ = _run("bench/eval_throughput.py", tmp_path, "--model", tiny_llama, "--data_dir", sst2_dir, *SMALL,
-                  "--rows", 8, "--eco_fit_rows", 16, "--ptuning_num_tokens", 4)
-    assert set(res["throughput_over_plain"]) == {"plain", "spul_shared", "spul_full", "eco", "trainer"}
+                  "--rows", 8, "--eco_fit_rows", 16, "--ptuning_num_tokens", 4, "--icul_forget_rows", 8)
+    assert set(res["throughput_over_plain"]) == {"plain", "spul_shared", "spul_full", "eco", "trainer", "icul", "guardrail",
+                                                 "guardrail_full", "filter", "filter_classifier"}
     c = res["checks"]
-    assert c["spul_shared_vs_full"]["same"] == 8 and c["eco_unflagged_vs_plain"]["same"] == c["eco_unflagged_vs_plain"]["rows"]
-    assert res["shared_prefix_active"]
+    assert c["spul_shared_vs_full"]["same"] == 8 and c["guardrail_shared_vs_full"]["same"] == 8
+    for name in ("eco", "filter", "filter_classifier"):  # the unflagged rows score as the plain model's, bit for bit
+        assert c[f"{name}_unflagged_vs_plain"]["same"] == c[f"{name}_unflagged_vs_plain"]["rows"]
+        assert c[f"{name}_unflagged_vs_plain"]["max_abs_label_logit_diff"] == 0
+    assert res["shared_prefix_active"] and res["guardrail"]["shared_prefix_active"]
+    n = res["input_tokens"]  # ICUL's cost: k + L examples before every query; the guardrail's instruction
+    assert n["icul"]["input_ratio"] > 2 and n["filter"]["input_ratio"] == 1
+    assert n["guardrail"]["mean"] == n["guardrail_full"]["mean"]
+    assert n["guardrail"]["mean"] == pytest.approx(n["plain"]["mean"] + res["guardrail"]["instruction_tokens"])
+    assert res["icul"]["k"] == 1 and res["icul"]["l"] == 5 and res["icul"]["forget_pool_rows"] == 8
 
 
 def test_eval_throughput_from_stage_folders(tiny_qlora, sst2_dir, tmp_path):
@@ -87,9 +96,11 @@ def test_eval_throughput_from_stage_folders(tiny_qlora, sst2_dir, tmp_path):
     run_script("eco.py", "--model_checkpoints", tiny_qlora, "--data_dir", sst2_dir, "--max_length", 64, "--max_retain", 16,
                "--search_rows", 4, "--search_rounds", 1, "--max_eval_rows", 8, "--output_path", eco, "--quiet")
     res, _ = _run("bench/eval_throughput.py", tmp_path, "--spul_checkpoint", spul, "--eco_checkpoint", eco,
-                  "--data_dir", sst2_dir, *SMALL, "--rows", 8, "--trainer_reference", "false")
+                  "--data_dir", sst2_dir, *SMALL, "--rows", 8, "--trainer_reference", "false",
+                  *[a for name in ("icul", "guardrail", "guardrail_full", "filter", "filter_classifier")
+                    for a in (f"--{name}", "false")])
     assert res["ptuning_num_tokens"] == 2 and res["eco"]["source"].startswith("from ")
-    assert "trainer" not in res["throughput_over_plain"]
+    assert set(res["throughput_over_plain"]) == {"plain", "spul_shared", "spul_full", "eco"}
 
 
 def test_kl_reference_grid(tiny_qlora, sst2_dir, tmp_path):
