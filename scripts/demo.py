@@ -95,9 +95,11 @@ SCALES = {
         spul=dict(max_steps=24, train_batch_size=8, lr=2e-3, ptuning_num_tokens=10, alpha=1.0, beta=0.5),
         baseline=dict(num_epochs=2, train_batch_size=8, lr=5e-5, max_retain=32),
         eco=dict(search_rows=16, search_rounds=5),
-        # forget terms in >= 3 of the 32 forget questions (5 finds none) and no retain question; ICUL's retain
-        # examples from 16 of the memorised retain rows
-        terms=dict(min_rows=3), prompting=dict(max_retain=16, max_length=768, icul_k=1, icul_l=1),
+        # the forget set is four TruthfulQA categories, not names: n-grams of 32 questions find words such as
+        # 'their' and 'on', so the guardrail names the categories (--forget_description) and the filter is ECO's
+        # classifier gate; ICUL's retain examples from 16 of the memorised retain rows
+        target=dict(guardrail="description", filter="classifier"),
+        prompting=dict(max_retain=16, max_length=768, icul_k=1, icul_l=1),
         methods="gradient_ascent_descent",
         select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]),
                     icul=dict(icul_k=[1], icul_l=[1, 3]), max_eval_rows=32)),
@@ -158,6 +160,24 @@ def stage_settings(scale, method, selected):
         base = {k: v for k, v in base.items() if not k.startswith("icul_")}
     chosen = {k: v for k, v in selected.get(method, {}).items() if k not in ("max_steps", "num_epochs")}
     return {**base, **chosen}
+
+
+def forget_target(args, scale, method, terms):
+    """How a training-free baseline is told the forget target: the guardrail by the forget terms (`terms`, written by
+    scripts/forget_terms.py) or, for the mcqa demo's own set, by naming its forget categories; the filter by the terms or by
+    ECO's prompt classifier, which learns the target from the training rows (as ICUL does)."""
+    how = scale.get("target", {}).get(method, "terms")
+    if how == "description" and not getattr(args, "built_data", False):  # another folder's forget set: unnamed
+        how = "terms"
+    if method == "icul" or how == "classifier":
+        return [] if method == "icul" else ["--filter_gate=classifier"]
+    if how == "description":
+        sys.path.insert(0, os.path.join(ROOT, "scripts"))
+        from make_truthfulqa_mcqa import FORGET_CATEGORIES
+
+        cats = [c.strip().lower() for c in FORGET_CATEGORIES.split(",")]
+        return [f"--forget_description={', '.join(cats[:-1])} and {cats[-1]}"]
+    return [f"--forget_terms={terms}"]
 
 
 def data_flags(args):
@@ -237,16 +257,15 @@ def plan(args, scale, selected=None, used=None):
             stage("baselines.py", m, f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
                   *flags(stage_settings(scale, m, selected)), *seed_flags(m))
     prompting = [m for m in PROMPTING if m not in skip and "prompting" not in skip]
-    if prompting:
-        terms = os.path.join(out, "forget_terms.txt")
-        if {"guardrail", "filter"} & set(prompting):  # from the qlora model's training rows, never a test row
-            jobs.append(Job("forget terms", "scripts/forget_terms.py",
-                            [*data, *sizes, *flags(scale["terms"]), f"--output={terms}", "--overwrite"], (), terms))
-        for m in prompting:
-            after = ("qlora",) if m == "icul" else ("qlora", "forget terms")
-            stage("prompting.py", m, f"--model_checkpoints={qlora}", f"--method={m}",
-                  *flags(stage_settings(scale, m, selected)), *([] if m == "icul" else [f"--forget_terms={terms}"]),
-                  *seed_flags(m), after=after)
+    terms = os.path.join(out, "forget_terms.txt")
+    target = {m: forget_target(args, scale, m, terms) for m in prompting}
+    if any(f"--forget_terms={terms}" in t for t in target.values()):  # from the qlora model's training rows only
+        jobs.append(Job("forget terms", "scripts/forget_terms.py",
+                        [*data, *sizes, *flags(scale.get("terms", {})), f"--output={terms}", "--overwrite"], (), terms))
+    for m in prompting:
+        after = ("qlora", "forget terms") if f"--forget_terms={terms}" in target[m] else ("qlora",)
+        stage("prompting.py", m, f"--model_checkpoints={qlora}", f"--method={m}",
+              *flags(stage_settings(scale, m, selected)), *target[m], *seed_flags(m), after=after)
     # more seeds of chosen methods (the table's own seed's run is the one above); tables report mean ± sd over them
     for seed in map(int, filter(None, str(args.seeds).split(","))):
         for m in filter(None, args.seed_methods.split(",")):
@@ -504,7 +523,7 @@ def main():
     # the demo scale's selection also serves the larger table: its settings are chosen on the demo's rows
     args.selection = args.selection or (SELECTED if args.scale in ("demo", "large") else os.path.join(args.out, "selection.json"))
     if mcqa and args.data_dir is None:
-        args.data_dir = os.path.join(args.out, "data")
+        args.data_dir, args.built_data = os.path.join(args.out, "data"), True
         build_mcqa_data(args)
     elif args.data_dir is None:
         args.data_dir = default_data_dir()

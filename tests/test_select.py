@@ -296,3 +296,20 @@ def test_the_demo_runs_the_training_free_baselines(tmp_path):
         args.skip = skip
         names = {j.name for j in demo.plan(args, scale)}
         assert not gone & names and ({"forget terms", "icul", "guardrail", "filter"} - gone) <= names, skip
+
+
+def test_the_mcqa_demo_names_its_categories_and_gates_by_the_classifier(tmp_path):
+    """The mcqa demo's forget set is four TruthfulQA categories: the guardrail names them, the filter is ECO's
+    classifier gate, no terms are derived; on a folder of the user's own the categories are unknown: terms."""
+    import argparse
+
+    args = argparse.Namespace(output_path=str(tmp_path), data_dir=str(tmp_path / "data"), model_name="m", task="mcqa",
+                              seeds="", seed_methods="spul", methods="gradient_ascent_descent", skip="", built_data=True)
+    scale = demo.scale_of(argparse.Namespace(scale="mcqa", task="mcqa"))
+    jobs = {j.name: j.args for j in demo.plan(args, scale)}
+    assert "forget terms" not in jobs and "--filter_gate=classifier" in jobs["filter"]
+    assert "--forget_description=health, nutrition, psychology and science" in jobs["guardrail"]
+    args.built_data = False
+    jobs = {j.name: j.args for j in demo.plan(args, scale)}
+    assert "forget terms" in jobs and any(a.startswith("--forget_terms=") for a in jobs["guardrail"])
+    assert "--filter_gate=classifier" in jobs["filter"]
