@@ -252,31 +252,40 @@ def plan(args, scale, selected=None, used=None):
         evals.insert(0, Job("vanilla eval", "inference_spul.py",
                             [*data, *sizes, *ev, f"--model_checkpoints={args.model_name}", f"--output_path={vanilla}",
                              "--generate=false", *REUSE, "--quiet"], (), os.path.join(vanilla, "results.json")))
-    if "baselines" not in skip:
-        for m in filter(None, args.methods.split(",")):
-            stage("baselines.py", m, f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
-                  *flags(stage_settings(scale, m, selected)), *seed_flags(m))
     prompting = [m for m in PROMPTING if m not in skip and "prompting" not in skip]
     terms = os.path.join(out, "forget_terms.txt")
-    target = {m: forget_target(args, scale, m, terms) for m in prompting}
-    if any(f"--forget_terms={terms}" in t for t in target.values()):  # from the qlora model's training rows only
+    target = {m: forget_target(args, scale, m, terms) for m in PROMPTING}
+
+    def method_stage(m, name, *seed):
+        """The stage of a baseline or a training-free method `m` from the qlora model."""
+        if m in PROMPTING:
+            after = ("qlora", "forget terms") if f"--forget_terms={terms}" in target[m] else ("qlora",)
+            stage("prompting.py", name, f"--model_checkpoints={qlora}", f"--method={m}",
+                  *flags(stage_settings(scale, m, selected)), *target[m], *seed, after=after)
+        else:
+            stage("baselines.py", name, f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
+                  *flags(stage_settings(scale, m, selected)), *seed)
+
+    if "baselines" not in skip:
+        for m in filter(None, args.methods.split(",")):
+            method_stage(m, m, *seed_flags(m))
+    seeded = [m for m in filter(None, args.seed_methods.split(",")) if args.seeds]
+    if any(f"--forget_terms={terms}" in target[m] for m in prompting + seeded if m in PROMPTING):
+        # from the qlora model's training rows, never a test row
         jobs.append(Job("forget terms", "scripts/forget_terms.py",
                         [*data, *sizes, *flags(scale.get("terms", {})), f"--output={terms}", "--overwrite"], (), terms))
     for m in prompting:
-        after = ("qlora", "forget terms") if f"--forget_terms={terms}" in target[m] else ("qlora",)
-        stage("prompting.py", m, f"--model_checkpoints={qlora}", f"--method={m}",
-              *flags(stage_settings(scale, m, selected)), *target[m], *seed_flags(m), after=after)
+        method_stage(m, m, *seed_flags(m))
     # more seeds of chosen methods (the table's own seed's run is the one above); tables report mean ± sd over them
     for seed in map(int, filter(None, str(args.seeds).split(","))):
-        for m in filter(None, args.seed_methods.split(",")):
+        for m in seeded:
             if seed == fresh_seed(used.get(m, ())):
                 continue
             if m == "spul":
                 stage("spul.py", f"spul-seed{seed}", f"--model_checkpoints={qlora}", f"--seed={seed}",
                       *flags(stage_settings(scale, "spul", selected)), *seed_flags(m, seed))
             else:
-                stage("baselines.py", f"{m}-seed{seed}", f"--model_checkpoints={qlora}", f"--unlearn_method={m}",
-                      f"--seed={seed}", *flags(stage_settings(scale, m, selected)), *seed_flags(m, seed))
+                method_stage(m, f"{m}-seed{seed}", *seed_flags(m, seed) or [f"--seed={seed}"])
     # training jobs first in list order, each evaluation as soon as its model exists
     return jobs + evals
 

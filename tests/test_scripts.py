@@ -80,8 +80,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, tiny_llama, sst2_dir):
     a second run finds every stage finished with the same settings, keeps them and only rebuilds the table."""
     out = tmp_path / "demo"
     args = ["--model_name", tiny_llama, "--data_dir", sst2_dir, "--output_path", out, "--methods", "gradient_ascent_descent",
-            "--jobs", 2, "--skip=retrained"]  # the vanilla evaluation too (the smoke scale skips it by default); the
-    # retrained reference is qlora.py --train_on retain, run by tests/test_qlora.py
+            "--jobs", 2, "--skip=retrained,prompting"]  # the vanilla evaluation too (the smoke scale skips it by default);
+    # the retrained reference is qlora.py --train_on retain, run by tests/test_qlora.py; the training-free baselines
+    # run end to end in tests/test_prompting.py, their demo stages are checked in tests/test_select.py
     first = demo(*args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     stages = ("vanilla", "qlora", "spul", "gradient_ascent_descent", "eco")

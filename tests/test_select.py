@@ -291,6 +291,11 @@ def test_the_demo_runs_the_training_free_baselines(tmp_path):
     icul = jobs["icul"].args
     assert {"--method=icul", "--icul_k=1", "--icul_l=3", "--seed=1", "--max_retain=64"} <= set(icul)
     assert not any(a.startswith("--forget_terms") for a in icul) and jobs["icul"].after == {"qlora"}
+    # more seeds of a training-free method: prompting.py again, with the selected settings
+    args.seeds, args.seed_methods = "2", "icul"
+    again = {j.name: j for j in demo.plan(args, scale, {"icul": {"icul_k": 1, "icul_l": 3}}, {"icul": [42]})}
+    assert again["icul-seed2"].script == "prompting.py" and {"--icul_l=3", "--seed=2"} <= set(again["icul-seed2"].args)
+    args.seeds = ""
     for skip, gone in (("prompting", {"forget terms", "icul", "guardrail", "filter"}), ("icul", {"icul"}),
                        ("guardrail,filter", {"forget terms", "guardrail", "filter"})):
         args.skip = skip
