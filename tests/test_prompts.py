@@ -279,3 +279,19 @@ def test_a_piece_a_token_would_straddle_is_tokenised_alone(tokenizer):
     assert piece_ids(tokenizer, "a story . ", cue) == tokenizer(cue, add_special_tokens=False)["input_ids"]
     whole = tokenizer("a story ." + cue, add_special_tokens=False)["input_ids"]
     assert piece_ids(tokenizer, "a story .", cue) == whole[len(tokenizer("a story .", add_special_tokens=False)["input_ids"]):]
+
+
+@pytest.mark.parametrize("task", ["sentiment", "mcqa"])
+def test_held_out_templates_have_the_ids_of_their_whole_text(llama2_style_tokenizer, task, sst2_sample):
+    """The held-out templates (tests/test_templates.py checks them on SmolLM2's byte-level BPE) keep the whole text's
+    ids under a SentencePiece tokenizer too: the label word's ids are the tokens after the prompt."""
+    from utils.tasks import INSTRUCTION, get_task, held_out_templates
+
+    tok, t = llama2_style_tokenizer, get_task(task)
+    rows = QUESTIONS if task == "mcqa" else sst2_sample[:4]
+    for name in held_out_templates(task) + (INSTRUCTION,):
+        enc = PromptEncoder(tok, 1024, task=task, template=name)
+        for row in rows:
+            text = t.head(t.as_row(row), enc.template) + t.body(row, enc.label_words, enc.template) + enc.template.cue
+            word = enc.label_words[row["label"]]
+            assert enc.prompt_ids(row) + enc.label_ids[word] == tok(text + " " + word)["input_ids"], name

@@ -50,6 +50,23 @@ def prompt_mask(input_ids, attention_mask, cue):
     return real & (torch.arange(T, device=input_ids.device)[None] < end[:, None])
 
 
+class CueReader:
+    """A model whose gate finds a prompt's end by the cue's ids (`self.cue`): ECO, ICUL's retrieval, the filters.
+    They are built with the training template's cue; scored on prompts of another template (utils.tasks: the
+    held-out and instruction templates), they must look for that template's cue instead."""
+
+    def read_template(self, encoder):
+        self.cue = list(encoder.cue_ids)
+
+
+def follow_template(model, encoder):
+    """Make a loaded model read prompts as `encoder` writes them: a CueReader takes the cue of the encoder's template
+    (the same ids as before for the training template); any other model is left as it is. Returns the model."""
+    if isinstance(model, CueReader):
+        model.read_template(encoder)
+    return model
+
+
 def mean_pool(hidden, mask):
     """Mean of hidden [B, T, d] over the positions of mask [B, T], in float32."""
     m = mask.unsqueeze(-1).float()
@@ -74,7 +91,7 @@ def check_feature_layer(lm, feature_layer):
     return int(feature_layer)
 
 
-class FeatureLM(nn.Module):
+class FeatureLM(CueReader, nn.Module):
     """A frozen LM that only gives prompt features (row_features takes it as it takes an EcoLM)."""
 
     def __init__(self, lm, cue, feature_layer=-1):
@@ -198,7 +215,7 @@ def fit_classifier(forget_features, retain_features, target_fpr=0.05, holdout_fr
 
 # ---------------------------------------------------------------- the ECO model
 
-class EcoLM(nn.Module):
+class EcoLM(CueReader, nn.Module):
     """A frozen causal LM behind the ECO gate: `model(input_ids, attention_mask, keep)` -> [B, keep, V].
 
     mode 'classifier' flags rows by the classifier; 'all' corrupts every row (the σ search);
@@ -254,6 +271,7 @@ class EcoLM(nn.Module):
 def row_features(eco, encoder, rows, batch_size=32, device="cpu", desc="features", quiet=False):
     """Classifier features [N, d] (float64) of rows' prompts, computed exactly as EcoLM.forward does,
     in the length-sorted batches of utils.evaluation.predict_rows."""
+    encoder.require_training("fitting a prompt classifier")
     eco.eval()
     prompts = [encoder.prompt_ids(r) for r in rows]
     order = np.argsort([len(p) for p in prompts], kind="stable")
@@ -297,6 +315,7 @@ def search_strength(eco, encoder, rows, lo, hi, rounds=10, tolerance=0.05, integ
     """
     from .evaluation import predict_rows
 
+    encoder.require_training("choosing the corruption strength")
     target = encoder.chance(rows) + tolerance
     valid = encoder.valid_mask(rows)
     factor = factor or (2.0 if integer else 10.0)

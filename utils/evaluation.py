@@ -9,6 +9,7 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 from tqdm.auto import tqdm
 
+from .eco import follow_template
 from .intervals import auc_ci, f1_ci, wilson
 from .prompts import LeftPadCollator
 from .tasks import match_label
@@ -34,8 +35,10 @@ def predict_rows(model, encoder, rows, batch_size=32, device="cpu", desc="scorin
     """Score rows with `model(input_ids, attention_mask, keep=1)` (a TailLM or SoftPromptLM).
 
     Returns {"pred": top token id [N], "true_logp": log p(true label's first token) [N],
-    "label_logits": logits of the label words' first tokens [N, n_labels]}, in the rows' order.
+    "label_logits": logits of the label words' first tokens [N, n_labels]}, in the rows' order. A gated model
+    (ECO, ICUL, a filter) is set to find the prompt's end by the cue of the encoder's template (follow_template).
     """
+    follow_template(model, encoder)
     model.eval()
     prompts = [encoder.prompt_ids(r) for r in rows]
     order = np.argsort([len(p) for p in prompts], kind="stable")
@@ -113,8 +116,10 @@ def generate_rows(model, encoder, rows, max_new_tokens=5, batch_size=32, device=
 
     Decodes through the same `model(input_ids, attention_mask, keep=1)` interface as scoring, so a
     pre-trained model, a prompt-tuned model and ECO are decoded alike. Left padding keeps every row's
-    newest token at the last position; no KV cache (a handful of forwards per batch for 5 tokens).
+    newest token at the last position; no KV cache (a handful of forwards per batch for 5 tokens). A gated model
+    reads the encoder's template, as in predict_rows.
     """
+    follow_template(model, encoder)
     model.eval()
     tok = encoder.tokenizer
     prompts = [encoder.prompt_ids(r) for r in rows]

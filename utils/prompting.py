@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .cli import UserError
-from .eco import load_classifier, prompt_features, prompt_mask, row_seed
+from .eco import CueReader, load_classifier, prompt_features, prompt_mask, row_seed
 from .modeling import tail_logits
 from .prompts import LeftPadCollator, PromptEncoder
 from .soft_prompt import forward_on_prefix, run_prefix, shared_prefix_blocker
@@ -70,7 +70,8 @@ def read_terms(path):
 
 def query_text(tokenizer, prompt_ids, task):
     """What a keyword gate reads of a prompt: its ids decoded, without the template's own words (the head's prefix
-    and the cue), so that a term such as 'sentiment' matches a query's text, not every prompt's cue."""
+    and the cue), so that a term such as 'sentiment' matches a query's text, not every prompt's cue. `task`: a Task
+    (its training template) or a utils.tasks.Template."""
     text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     start, end = text.find(task.head_prefix.strip()), text.rfind(task.cue.strip())
     return text[start + len(task.head_prefix.strip()) if start >= 0 else 0: end if end >= 0 else len(text)]
@@ -102,7 +103,9 @@ def start_tokens(tokenizer):
 
 
 def example_ids(encoder, row, word):
-    """One in-context example as the task tokenises it: the prompt (no start tokens), ' ' + word, a blank line."""
+    """One in-context example as the task tokenises it: the prompt (no start tokens), ' ' + word, a blank line. The
+    examples are ICUL's context, the same for every query: written in the training template only."""
+    encoder.require_training("an in-context example")
     prompt = encoder.prompt_ids(row)
     n = len(start_tokens(encoder.tokenizer))
     sep = encoder.tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
@@ -198,7 +201,7 @@ class GuardrailLM(PrefixedLM):
         return self._cached_prefix[1]
 
 
-class IculLM(PrefixedLM):
+class IculLM(CueReader, PrefixedLM):
     """ICUL: k forget examples (changed answers) chosen per query, then the fixed retain examples (true answers).
 
     retrieval 'nearest': the k forget rows whose features (the frozen model's mean-pooled hidden state over the
@@ -229,7 +232,7 @@ class IculLM(PrefixedLM):
                 for chosen in self.choose(input_ids, attention_mask)]
 
 
-class FilterLM(nn.Module):
+class FilterLM(CueReader, nn.Module):
     """A gate in front of a frozen LM: flagged queries answer the generic label (its first token REFUSAL_LOGIT, every
     other logit 0); the others get the plain model's logits of the same batch (bit-identical).
 
@@ -243,8 +246,13 @@ class FilterLM(nn.Module):
             raise UserError("the filter needs either forget terms or a prompt classifier")
         self.lm, self.generic_id, self.cue, self.tokenizer = lm, int(generic_id), list(cue), tokenizer
         self.task = get_task(task)
+        self.template = self.task.template()  # the template words the keyword gate leaves out of a query's text
         self.terms, self.classifier, self.feature_layer = terms, classifier, feature_layer
         self.last_flags = None
+
+    def read_template(self, encoder):
+        super().read_template(encoder)
+        self.template = encoder.template
 
     def flags_and_logits(self, input_ids, attention_mask, keep=1):
         if self.classifier is not None:
@@ -252,7 +260,7 @@ class FilterLM(nn.Module):
             return torch.as_tensor(self.classifier.flags(feats.detach().cpu().numpy())), logits
         logits = tail_logits(self.lm, input_ids, attention_mask, keep)
         pmask = prompt_mask(input_ids, attention_mask, self.cue)
-        texts = [query_text(self.tokenizer, ids[m], self.task) for ids, m in zip(input_ids, pmask)]
+        texts = [query_text(self.tokenizer, ids[m], self.template) for ids, m in zip(input_ids, pmask)]
         return torch.tensor([has_term(t, self.terms) for t in texts], dtype=torch.bool), logits
 
     def forward(self, input_ids, attention_mask, keep=1, reference=False):

@@ -4,7 +4,8 @@ Every example ends with its completion (the label tokens). Batches are padded on
 the label tokens sit at the same final positions in every row, also after soft-prompt tokens are
 prepended: the position that predicts the label is always -(n_label_tokens + 1). That lets the
 model compute logits for the last few positions only (`logits_to_keep`). What a prompt says is the
-task's (utils/tasks.py): head (cut to fit) + body + cue (kept whole).
+task's (utils/tasks.py): head (cut to fit) + body + cue (kept whole), in the task's training template unless
+the encoder is given a held-out one (scoring only: training refuses it, see PromptEncoder.require_training).
 """
 import random
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from .cli import UserError
-from .tasks import Sentiment, get_task
+from .tasks import TRAINING, Sentiment, get_task
 
 TEXT_PREFIX = Sentiment.head_prefix
 QUESTION = Sentiment.cue
@@ -37,10 +38,11 @@ def piece_ids(tokenizer, prefix, piece):
     return full[len(head):]
 
 
-def cue_ids(tokenizer, task=None):
-    """The tokens of the task's cue, the prompt's end, as PromptEncoder writes them: in context after a word
-    (a prompt's text precedes the cue), so ECO's prompt mask finds the very ids the encoder emits."""
-    return piece_ids(tokenizer, ANCHOR, get_task(task).cue)
+def cue_ids(tokenizer, task=None, template=None):
+    """The tokens of the cue of the task's template (None: its training template), the prompt's end, as
+    PromptEncoder writes them: in context after a word (a prompt's text precedes the cue), so ECO's prompt mask
+    finds the very ids the encoder emits."""
+    return piece_ids(tokenizer, ANCHOR, get_task(task).template(template).cue)
 
 
 def label_token_ids(tokenizer, word, cue=QUESTION):
@@ -55,10 +57,14 @@ def label_token_ids(tokenizer, word, cue=QUESTION):
 class PromptEncoder:
     """Turns a task's rows into token ids with the label (or a given completion) masked in.
 
-    `task`: a name of utils.tasks.TASKS (default sentiment); label and generic words default to the task's."""
+    `task`: a name of utils.tasks.TASKS (default sentiment); label and generic words default to the task's.
+    `template`: None writes the task's training template; the name of a held-out template (utils.tasks.
+    held_out_templates) or 'instruction' writes the prompt with it, for scoring only: the label words are the same,
+    tokenised after that template's cue."""
 
-    def __init__(self, tokenizer, max_length, label_words=None, generic_labels=None, task=None):
+    def __init__(self, tokenizer, max_length, label_words=None, generic_labels=None, task=None, template=None):
         self.task = get_task(task)
+        self.template = self.task.template(template)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.label_words = tuple(label_words or self.task.label_words)
@@ -67,16 +73,23 @@ class PromptEncoder:
         if clash:
             raise UserError(f"the generic label {', '.join(sorted(clash))} is also a label word; choose --generic_labels "
                             f"outside {', '.join(self.label_words)}")
-        self.label_ids = {w: label_token_ids(tokenizer, w, self.task.cue) for w in self.label_words + self.generic_labels}
+        self.label_ids = {w: label_token_ids(tokenizer, w, self.template.cue) for w in self.label_words + self.generic_labels}
         firsts = [self.label_ids[w][0] for w in self.label_words + self.generic_labels]
         if len(set(firsts)) != len(firsts):
             raise UserError("two label words share their first token; the first-token metric cannot tell them apart")
-        self.cue_ids = cue_ids(tokenizer, self.task)
+        self.cue_ids = cue_ids(tokenizer, self.task, template)
         self.longest_label = longest = max(len(v) for v in self.label_ids.values())
-        self.head_min = len(tokenizer(self.task.head_prefix)["input_ids"])
+        self.head_min = len(tokenizer(self.template.head_prefix)["input_ids"])
         self.min_length = self.head_min + len(self.cue_ids) + longest
         if max_length < self.min_length:
             raise UserError(f"--max_length {max_length} cannot hold the prompt and the label (needs at least {self.min_length})")
+
+    def require_training(self, what):
+        """Refuse `what`, a step of a training stage, unless this encoder writes the training template: a held-out
+        template measures how forgetting holds on queries worded otherwise, so no stage may train or select on it."""
+        if self.template.name != TRAINING:
+            raise UserError(f"{what} needs the {self.task.name} task's training template; the template "
+                            f"'{self.template.name}' is held out for scoring, no training stage may use it")
 
     def first_label_ids(self, words=None):
         return [self.label_ids[w][0] for w in (words or self.label_words)]
@@ -87,11 +100,11 @@ class PromptEncoder:
         By default room is the longest label's length, so that a row's prompt is the same for every
         completion and at evaluation: a memorised row is scored on exactly the prompt it was trained on."""
         row = self.task.as_row(row)
-        text = self.task.head(row)
+        text = self.task.head(row, self.template)
         head = self.tokenizer(text)["input_ids"]
         # the body in context after the whole head, so that the ids are the whole text's (only the head's are cut);
         # the cue has one tokenisation (in context after a word), by which ECO finds the prompt's end
-        body_text = self.task.body(row, self.label_words)
+        body_text = self.task.body(row, self.label_words, self.template)
         body = piece_ids(self.tokenizer, text, body_text) if body_text else []
         budget = self.max_length - len(body) - len(self.cue_ids) - (self.longest_label if room is None else room)
         if budget < self.head_min:  # the parts that are never cut do not fit
@@ -100,7 +113,9 @@ class PromptEncoder:
         return head[:budget] + body + self.cue_ids
 
     def encode(self, row, completion):
-        """input_ids = prompt + completion tokens; labels = IGNORE except on the completion tokens."""
+        """input_ids = prompt + completion tokens; labels = IGNORE except on the completion tokens: a training
+        example, so the training template only."""
+        self.require_training("a training example")
         comp = self.label_ids[completion]
         prompt = self.prompt_ids(row)
         return {"input_ids": prompt + comp, "labels": [IGNORE] * len(prompt) + comp}
