@@ -99,6 +99,11 @@ class PromptEncoder:
 
         By default room is the longest label's length, so that a row's prompt is the same for every
         completion and at evaluation: a memorised row is scored on exactly the prompt it was trained on."""
+        head, body, cue = self.prompt_parts(row, room)
+        return head + body + cue
+
+    def prompt_parts(self, row, room=None):
+        """The prompt's three parts as prompt_ids joins them: (head ids as kept, body ids, cue ids)."""
         row = self.task.as_row(row)
         text = self.task.head(row, self.template)
         head = self.tokenizer(text)["input_ids"]
@@ -110,7 +115,7 @@ class PromptEncoder:
         if budget < self.head_min:  # the parts that are never cut do not fit
             raise UserError(f"{self.task.describe(row)} needs --max_length >= {self.max_length - budget + self.head_min} "
                             f"to keep its choices and answer (--max_length is {self.max_length})")
-        return head[:budget] + body + self.cue_ids
+        return head[:budget], body, self.cue_ids
 
     def encode(self, row, completion):
         """input_ids = prompt + completion tokens; labels = IGNORE except on the completion tokens: a training
