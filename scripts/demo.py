@@ -98,9 +98,10 @@ SCALES = {
         eco=dict(search_rows=16, search_rounds=5),
         # the forget set is four TruthfulQA categories, not names: n-grams of 32 questions find words such as
         # 'their' and 'on', so the guardrail names the categories (--forget_description) and the filter is ECO's
-        # classifier gate; ICUL's retain examples from 16 of the memorised retain rows
+        # classifier gate; ICUL's retain example drawn from the 32 memorised retain rows (as many as the other stages
+        # score)
         target=dict(guardrail="description", filter="classifier"),
-        prompting=dict(max_retain=16, max_length=768, icul_k=1, icul_l=1),
+        prompting=dict(max_retain=32, max_length=768, icul_k=1, icul_l=1),
         methods="gradient_ascent_descent",
         select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]),
                     icul=dict(icul_k=[1], icul_l=[1, 3]), max_eval_rows=32)),
