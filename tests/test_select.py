@@ -162,7 +162,7 @@ def test_the_table_reports_fresh_runs_never_the_selections_own(tmp_path):
     jobs = {j.name: j.args for j in demo.plan(args, demo.SCALES["demo"], selected, used)}
     for m in ["spul", "icul", *demo.DEMO_METHODS.split(",")]:
         assert _seed(jobs[m]) not in used[m], m
-    assert {"spul", "gradient_ascent"} <= set(jobs) and _seed(jobs["spul"]) == 1
+    assert {"spul", "gradient_ascent_descent"} <= set(jobs) and _seed(jobs["spul"]) == 1
     # another scale selects nothing on its rows: its own seed stays 42
     args.scale = "large"
     assert demo.selection_seeds_here(args, demo.SELECTED, selected) == {}
@@ -216,9 +216,9 @@ def test_the_recorded_selection_covers_every_method_the_demo_and_the_larger_tabl
     recorded = set(json.load(open(demo.SELECTED))["methods"])
     for scale in ("demo", "large"):
         assert set(demo.default_methods(scale).split(",")) | {"spul", "icul"} <= recorded, scale
-    # the demo runs the paper's Table 2 baselines; its selection (--select) and the larger table add NPO
-    assert "npo" not in demo.default_methods("demo").split(",")
-    assert "npo" in demo.default_methods("demo", select=True).split(",")
+    # the demo runs GA+GD; its selection (--select) and the larger table cover every Table 2 baseline and NPO
+    assert demo.default_methods("demo") == "gradient_ascent_descent"
+    assert {"gradient_ascent", "random_label", "gradient_ascent_kl", "npo"} <= set(demo.default_methods("demo", select=True).split(","))
     assert "npo" in demo.default_methods("large").split(",")
     assert demo.default_methods("smoke") == "gradient_ascent_descent"  # the smoke check runs one baseline
 
