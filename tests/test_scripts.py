@@ -131,6 +131,9 @@ def test_demo_stages_are_kept_only_with_the_same_settings(tmp_path):
                               task="sentiment", seeds="42,1", seed_methods="spul,npo")
     for scale in demo_script.SCALES.values():
         for job in demo_script.plan(args, scale):
+            if job.script == "scripts/forget_terms.py":  # no run folder: the same rows give the same file, rewritten
+                assert "--overwrite" in job.args, job.name
+                continue
             assert "--resume" in job.args and "--overwrite" in job.args, job.name
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--help"], capture_output=True, text=True)
     assert "runs/demo-<scale>" in proc.stdout
