@@ -1,7 +1,7 @@
 """The CPU quickstart (`make demo`): the whole pipeline on the embedded SmolLM2-135M and a seeded
 SST-2 subset, ending in the results table (runs/demo/table.md).
 
-vanilla eval → qlora.py → spul.py → baselines.py (the paper's Table 2 four) → qlora.py --train_on retain
+vanilla eval → qlora.py → spul.py → baselines.py (GA+GD; --methods adds the others) → qlora.py --train_on retain
 (the retrained reference) → eco.py → the training-free baselines (scripts/forget_terms.py, then prompting.py: ICUL,
 the guardrail prompt, the keyword filter) → inference_spul.py on every checkpoint → make_tables.py.
 `--task mcqa` runs the same pipeline on multiple-choice questions: a TruthfulQA set built into
@@ -170,11 +170,11 @@ def forget_target(args, scale, method, terms):
     scripts/forget_terms.py) or, for the mcqa demo's own set, by naming its forget categories; the filter by the terms or by
     ECO's prompt classifier, which learns the target from the training rows (as ICUL does)."""
     how = scale.get("target", {}).get(method, "terms")
-    if how == "description" and not getattr(args, "built_data", False):  # another folder's forget set: unnamed
-        how = "terms"
-    if method == "icul" or how == "classifier":
-        return [] if method == "icul" else ["--filter_gate=classifier"]
-    if how == "description":
+    if method == "icul":
+        return []
+    if how == "classifier":
+        return ["--filter_gate=classifier"]
+    if how == "description" and getattr(args, "built_data", False):  # another folder's forget set is unnamed
         sys.path.insert(0, os.path.join(ROOT, "scripts"))
         from make_truthfulqa_mcqa import FORGET_CATEGORIES
 
@@ -261,11 +261,12 @@ def plan(args, scale, selected=None, used=None):
     prompting = [m for m in PROMPTING if m not in skip and "prompting" not in skip]
     terms = os.path.join(out, "forget_terms.txt")
     target = {m: forget_target(args, scale, m, terms) for m in PROMPTING}
+    reads_terms = {m for m, t in target.items() if f"--forget_terms={terms}" in t}
 
     def method_stage(m, name, *seed):
         """The stage of a baseline or a training-free method `m` from the qlora model."""
         if m in PROMPTING:
-            after = ("qlora", "forget terms") if f"--forget_terms={terms}" in target[m] else ("qlora",)
+            after = ("qlora", "forget terms") if m in reads_terms else ("qlora",)
             stage("prompting.py", name, f"--model_checkpoints={qlora}", f"--method={m}",
                   *flags(stage_settings(scale, m, selected)), *target[m], *seed, after=after, long_eval=m == "icul")
         else:
@@ -273,7 +274,7 @@ def plan(args, scale, selected=None, used=None):
                   *flags(stage_settings(scale, m, selected)), *seed)
 
     seeded = [m for m in filter(None, args.seed_methods.split(",")) if args.seeds]
-    if any(f"--forget_terms={terms}" in target[m] for m in prompting + seeded if m in PROMPTING):
+    if reads_terms & {*prompting, *seeded}:
         # from the qlora model's training rows, never a test row
         jobs.append(Job("forget terms", "scripts/forget_terms.py",
                         [*data, *sizes, *flags(scale.get("terms", {})), f"--output={terms}", "--overwrite"], (), terms))

@@ -74,7 +74,7 @@ def parse_args(argv=None):
 
 def stage_argv(args, point):
     """The run's flags for one grid point (without its --output_path and run-folder flags)."""
-    flag = SCRIPTS.get(args.method, ("baselines.py", "--unlearn_method"))[1]
+    flag = stage_of(args.method)[1]
     method_flags = [f"{flag}={args.method}"] if flag else []
     return [f"--model_checkpoints={os.path.abspath(args.model_checkpoints)}", *method_flags, *args.stage_flags,
             *(f"--{k}={v}" for k, v in point.items())]
@@ -100,8 +100,13 @@ def check_points(args):
             raise UserError(f"{stage.__name__}.py refuses the grid point {point}: {why[-1] if why else said.getvalue()}")
 
 
+def stage_of(method):
+    """(the script that runs `method`, its method flag or None)."""
+    return SCRIPTS.get(method, ("baselines.py", "--unlearn_method"))
+
+
 def script_of(method):
-    return SCRIPTS.get(method, ("baselines.py", None))[0]
+    return stage_of(method)[0]
 
 
 def parse_grid(method, items):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from _pytest.scope import Scope
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,9 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the scripts they start, or tiny models slow down several times over oversubscribed cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# pytest's widest fixture scope, named after its Session class: each such fixture is built once per test run
-# (once per test process under -n), not once per test
-ONCE_PER_RUN = pytest.Session.__name__.lower()
+# pytest's widest fixture scope (its scopes are ordered): each such fixture is built once per test run (once
+# per test process under -n), not once per test
+ONCE_PER_RUN = max(Scope).value
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -71,16 +71,16 @@ def text_span(encoder, row, prefix_ids=None):
     (`prefix_ids`): the text's own tokens, of which the first may carry the prefix's trailing space (' great'
     after '### Text:'). Sentiment: the review; mcqa: the question (its choices and the cue are not text).
     `text` is the row's text, or the kept tokens decoded (stripped) when the head was cut."""
-    tok, task = encoder.tokenizer, encoder.task
+    tok, task, row = encoder.tokenizer, encoder.task, encoder.task.as_row(row)
     if prefix_ids is None:
-        prefix_ids = tok(task.head_prefix)["input_ids"]
+        prefix_ids = tok(encoder.template.head_prefix)["input_ids"]
     head, body, cue = encoder.prompt_parts(row)
     start = max(1, common_prefix_length(head, prefix_ids))  # position 0 has no logits that predict it
-    text = task.head(task.as_row(row))[len(task.head_prefix):]
+    text = task.query(row)
     if start >= len(head):
-        raise UserError(f"{task.describe(task.as_row(row))} has no text tokens to score "
+        raise UserError(f"{task.describe(row)} has no text tokens to score "
                         f"(an empty text, or --max_length {encoder.max_length} leaves none of it)")
-    if len(head) < len(tok(task.head(task.as_row(row)))["input_ids"]):
+    if len(head) < len(tok(task.head(row, encoder.template))["input_ids"]):
         text = tok.decode(head[start:], skip_special_tokens=True).strip()
     return head + body + cue, start, len(head), text
 
@@ -111,7 +111,7 @@ def token_logprobs(model, encoder, rows, batch_size=8, device="cpu", desc="text 
     token, μ and σ leave the batch. Logits over the whole vocabulary are V floats per kept position: lower
     batch_size for a large vocabulary and long texts."""
     model.eval()
-    prefix_ids = encoder.tokenizer(encoder.task.head_prefix)["input_ids"]
+    prefix_ids = encoder.tokenizer(encoder.template.head_prefix)["input_ids"]
     spans = [text_span(encoder, r, prefix_ids) for r in rows]
     order = np.argsort([len(s[0]) for s in spans], kind="stable")
     collate = LeftPadCollator(encoder.tokenizer.pad_token_id)

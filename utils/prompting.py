@@ -28,7 +28,7 @@ from .cli import UserError
 from .eco import CueReader, load_classifier, prompt_features, prompt_mask, row_seed
 from .modeling import tail_logits
 from .prompts import LeftPadCollator, PromptEncoder
-from .soft_prompt import forward_on_prefix, run_prefix, shared_prefix_blocker
+from .soft_prompt import compute_state, forward_on_prefix, run_prefix, shared_prefix_blocker
 from .tasks import get_task
 
 METHODS = ("icul", "guardrail", "filter")
@@ -134,6 +134,11 @@ def fitting_examples(lengths, max_length):
 
 # ---------------------------------------------------------------- the wrappers
 
+def real_rows(input_ids, attention_mask):
+    """Each row's ids without its padding."""
+    return [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist())]
+
+
 class PrefixedLM(nn.Module):
     """A frozen LM whose every query is preceded by ids of its own (`contexts`), inserted after the query's start
     tokens; the longer rows are left-padded again and positions are counted from the new mask."""
@@ -147,13 +152,13 @@ class PrefixedLM(nn.Module):
 
     def build(self, input_ids, attention_mask):
         """The longer batch: (input_ids, attention_mask) with each row's context before its query."""
-        rows = []
-        for ids, mask, ctx in zip(input_ids.tolist(), attention_mask.bool().tolist(),
-                                  self.contexts(input_ids, attention_mask)):
-            real = [t for t, m in zip(ids, mask) if m]
-            rows.append(real[:self.n_start] + list(ctx) + real[self.n_start:])
+        rows = [real[:self.n_start] + list(ctx) + real[self.n_start:]
+                for real, ctx in zip(real_rows(input_ids, attention_mask), self.contexts(input_ids, attention_mask))]
+        return self.collate(rows, input_ids.device)
+
+    def collate(self, rows, device):
         batch = LeftPadCollator(self.pad_id)([{"input_ids": r} for r in rows])
-        return batch["input_ids"].to(input_ids.device), batch["attention_mask"].to(input_ids.device)
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
     def forward(self, input_ids, attention_mask, keep=1, reference=False):
         if reference:
@@ -170,7 +175,7 @@ class GuardrailLM(PrefixedLM):
     def __init__(self, lm, instruction_ids, n_start, pad_id, shared_prefix=True):
         super().__init__(lm, n_start, pad_id)
         self.instruction, self.shared_prefix = list(instruction_ids), shared_prefix
-        self._cached_prefix = None  # (state, start + instruction ids, keys/values)
+        self._cached_prefix = None  # (the ids and the LM's state they were computed for, keys/values)
 
     def contexts(self, input_ids, attention_mask):
         return [self.instruction] * len(input_ids)
@@ -178,22 +183,18 @@ class GuardrailLM(PrefixedLM):
     def forward(self, input_ids, attention_mask, keep=1, reference=False):
         if reference or not self.shared_prefix or shared_prefix_blocker(self.lm) is not None:
             return super().forward(input_ids, attention_mask, keep, reference)
-        rows = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist())]
+        rows = real_rows(input_ids, attention_mask)
         starts = {tuple(r[:self.n_start]) for r in rows}
         if len(starts) != 1:  # rows with start tokens of their own: no shared prefix
             return super().forward(input_ids, attention_mask, keep, reference)
-        batch = LeftPadCollator(self.pad_id)([{"input_ids": r[self.n_start:]} for r in rows])
         prefix = self._prefix(list(starts.pop()) + self.instruction, input_ids.device)
-        return forward_on_prefix(self.lm, prefix, batch["input_ids"].to(input_ids.device),
-                                 batch["attention_mask"].to(input_ids.device), keep)
+        return forward_on_prefix(self.lm, prefix, *self.collate([r[self.n_start:] for r in rows], input_ids.device), keep)
 
     def _prefix(self, ids, device):
         """The keys/values of the start tokens + instruction, computed once for these ids, weights, dtype and
         autocast (the LM is frozen; computed afresh when grad is on)."""
         weight = self.lm.get_input_embeddings().weight
-        kind = weight.device.type
-        state = (tuple(ids), id(weight), weight._version, weight.device, weight.dtype,
-                 torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind))
+        state = (tuple(ids), id(weight), weight._version, *compute_state(self.lm))
         if torch.is_grad_enabled():
             return run_prefix(self.lm, input_ids=torch.tensor([ids], device=device))
         if self._cached_prefix is None or self._cached_prefix[0] != state:
@@ -245,8 +246,7 @@ class FilterLM(CueReader, nn.Module):
         if (terms is None) == (classifier is None):
             raise UserError("the filter needs either forget terms or a prompt classifier")
         self.lm, self.generic_id, self.cue, self.tokenizer = lm, int(generic_id), list(cue), tokenizer
-        self.task = get_task(task)
-        self.template = self.task.template()  # the template words the keyword gate leaves out of a query's text
+        self.template = get_task(task).template()  # the template words the keyword gate leaves out of a query's text
         self.terms, self.classifier, self.feature_layer = terms, classifier, feature_layer
         self.last_flags = None
 

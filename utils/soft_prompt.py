@@ -102,10 +102,7 @@ class SoftPromptLM(nn.Module):
         """Changes whenever the prompt encoder's weights do (an in-place update bumps a tensor's version),
         or the adapter, device, dtype or autocast the prefix is computed for."""
         enc = self.peft_model.prompt_encoder[self.peft_model.active_adapter]
-        weight = self.lm.get_input_embeddings().weight
-        kind = weight.device.type
-        autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
-        return (self.peft_model.active_adapter, weight.device, weight.dtype, autocast,
+        return (self.peft_model.active_adapter, *compute_state(self.lm),
                 tuple((id(p), p._version, p.device, p.dtype) for p in enc.parameters()))
 
     def _shared_prefix_usable(self):
@@ -116,6 +113,13 @@ class SoftPromptLM(nn.Module):
             self._notices.add(reason)
             print(f"shared soft-prompt prefix off: {reason}; running the full path (p virtual tokens in every row)")
         return False
+
+
+def compute_state(lm):
+    """The device, dtype and autocast a prefix of `lm` is computed for: a cached prefix is stale when they change."""
+    weight = lm.get_input_embeddings().weight
+    kind = weight.device.type
+    return weight.device, weight.dtype, torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
 
 
 def run_prefix(lm, **inputs):
