@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # The stamp lives in the Python environment itself: a new virtual environment installs everything anew.
 STAMP := $(shell $(PYTHON) -c 'import sys; print(sys.prefix)')/.spul-deps-installed
 
-.PHONY: install demo demo-mcqa test test-unit test-e2e bench bench-smoke clean
+.PHONY: install demo demo-mcqa audit test test-unit test-e2e bench bench-smoke clean
 
 $(STAMP): requirements.txt Makefile
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch   # local CPU build where it is on disk
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 demo-mcqa: $(STAMP)
 	$(PYTHON) scripts/demo.py --task mcqa
+
+# audit.py's attacks on every stage of a finished `make demo`, then the robustness table (runs/demo/table_robustness.md)
+audit: $(STAMP)
+	$(PYTHON) scripts/demo.py --audit
 
 # one test process per core, at most 4 (each test's scripts run on one thread: tests/conftest.py)
 TEST_JOBS ?= $(shell $(PYTHON) -c 'import os; print(min(4, os.cpu_count() or 1))')

@@ -40,6 +40,7 @@ from utils.runs import read_json, save_json  # noqa: E402
 # none moved train_forget more than 1.6 points from QLoRA's in a run of this table); the larger table runs them all
 DEMO_METHODS = "gradient_ascent_descent"
 SELECTED_METHODS = "gradient_ascent,random_label,gradient_ascent_kl,gradient_ascent_descent,npo"  # the demo scale's selection
+AUDIT = dict(max_eval_rows=32, splits="train_forget,test_forget,test_retain", templates="plain,question_first,label_first")
 SCALES = {
     # The demo (CPU, < 30 min with the installation): qlora.py memorises 384 retain + 128 forget rows; SPUL unlearns the 128 forget
     # rows with 256 of the memorised retain rows (a subset), the baselines with 64 of them; 64 rows per split
@@ -69,7 +70,10 @@ SCALES = {
         # ICUL: its context lengths 2 and 4 (one forget example, then 1 or 3 retain ones); its 6 would make each
         # query 7 times longer, ~5 more minutes of the demo on a 2-core CPU
         select=dict(spul=dict(lr=[5e-4, 1e-3], alpha=[1.0, 1.5]), baseline=dict(lr=[3e-6, 1e-5, 3e-5]),
-                    icul=dict(icul_k=[1], icul_l=[1, 3]), max_eval_rows=128, methods=SELECTED_METHODS)),
+                    icul=dict(icul_k=[1], icul_l=[1, 3]), max_eval_rows=128, methods=SELECTED_METHODS),
+        # --audit (`make audit`): every attack of audit.py on 32 rows of the forget splits and of test_retain (the
+        # retain accuracy under attack), three of the six reworded templates; within 15 minutes on a 2-core CPU
+        audit=AUDIT),
     # The larger CPU-scale table (docs/cpu_scale_table.md, about two hours): three times the demo's forget rows
     # and twice as many retain rows, the selected settings, 300 rows per split scored; --seeds repeats chosen
     # methods. SPUL: 320 steps of 8 over its 1,152 rows (2.2 epochs; the demo's 3.3 would take 480 steps and
@@ -105,7 +109,8 @@ SCALES = {
         prompting=dict(max_retain=32, max_length=768, icul_k=1, icul_l=1),
         methods="gradient_ascent_descent",
         select=dict(spul=dict(lr=[1e-3, 2e-3], alpha=[0.5, 1.0]), baseline=dict(lr=[1e-5, 1e-4]),
-                    icul=dict(icul_k=[1], icul_l=[1, 3]), max_eval_rows=32)),
+                    icul=dict(icul_k=[1], icul_l=[1, 3]), max_eval_rows=32),
+        audit={**AUDIT, "templates": "qa_options,plain,letter"}),
     # A pipeline check in minutes (any model; with the embedded model 111 s measured on a 2-core CPU with little else
     # running, 15-33 s a stage, mostly start-up and loading; 15 min under load average ~10; README): qlora,
     # SPUL, one baseline and ECO, each for a step or two on a handful of rows, and their evaluations on 4 rows per
@@ -121,7 +126,8 @@ SCALES = {
         eco=dict(search_rows=4),
         terms=dict(min_rows=1), prompting=dict(max_retain=8, max_length=256, icul_k=1, icul_l=1),
         select=dict(spul=dict(lr=[1e-3, 2e-3]), baseline=dict(lr=[1e-5, 1e-4]), icul=dict(icul_l=[1, 2]),
-                    max_eval_rows=4)),
+                    max_eval_rows=4),
+        audit=dict(max_eval_rows=4, templates="plain", splits="train_forget,test_forget,test_retain", relearn_epochs=1)),
 }
 SELECTED = os.path.join(ROOT, "data", "selected", "demo.json")  # the demo scale's choice, recorded with its command
 # what a task changes at every scale: TruthfulQA's longest prompt (question, four options, cue) is 170 tokens
@@ -295,6 +301,32 @@ def plan(args, scale, selected=None, used=None):
                 method_stage(m, f"{m}-seed{seed}", *seed_flags(m, seed) or [f"--seed={seed}"])
     # training jobs first in list order, each evaluation as soon as its model exists
     return jobs + evals
+
+
+def plan_audit(args, scale):
+    """audit.py on every stage folder the demo wrote (attacks of the same settings kept, other settings replaced): the fine-tuned and retrained references first (each without the
+    other, side by side), then every method (reading both), then the references again with each other (their
+    attacks kept: only recovery and privleak are added)."""
+    out, a = args.output_path, flags(scale.get("audit", AUDIT))
+    folders = [d for d in sorted(os.listdir(out)) if os.path.isfile(os.path.join(out, d, "arguments.json"))
+               and (read_json(os.path.join(out, d, "arguments.json")) or {}).get("finished")] if os.path.isdir(out) else []
+    if "qlora" not in folders:
+        raise UserError(f"{out} holds no finished demo: run the demo first (`make demo`, or scripts/demo.py with the same "
+                        f"flags), then --audit")
+    refs = [d for d in ("qlora", "retrained") if d in folders]
+
+    def audit(name, folder, *extra, after=()):
+        return Job(name, "audit.py", [f"--model_checkpoints={os.path.join(out, folder)}", *a, *extra, "--overwrite", "--quiet"], after,
+                   os.path.join(out, folder, "audit.json"))
+
+    jobs = [audit("qlora audit", "qlora", "--retrained=none")]
+    if "retrained" in refs:
+        jobs.append(audit("retrained audit", "retrained", "--finetuned=none"))
+    first = {j.name for j in jobs}
+    jobs += [audit(f"{d} audit", d, after=first) for d in folders if d not in refs]
+    if "retrained" in refs:
+        jobs += [audit(f"{d} references", d, after=first) for d in refs]
+    return jobs
 
 
 def plan_selection(args, scale):
@@ -515,6 +547,8 @@ def main():
                    help="more training seeds of --seed_methods; each stage's own seed is 42, or 1 where its selection "
                         "trained on these rows with 42 (the demo scale), so that the table reports fresh runs")
     p.add_argument("--seed_methods", default="spul", help="methods repeated with every seed of --seeds")
+    add_bool(p, "--audit", help="instead of the demo: audit.py's attacks on every stage folder of a finished demo, "
+                                "then the robustness table (OUTPUT_PATH/table_robustness.md)")
     add_bool(p, "--select", help="instead of the demo: choose every method's settings on validation rows "
                                  "(scripts/select_settings.py over the scale's grids) and record them in --selection")
     p.add_argument("--selection", default=None,
@@ -551,6 +585,8 @@ def main():
     resolve_model(args.model_name)  # the embedded model is converted once here, not by stages started side by side
     if args.select:
         jobs = plan_selection(args, scale_of(args))
+    elif args.audit:
+        jobs = plan_audit(args, scale_of(args))
     else:
         selected = read_selected(args, args.selection, explicit)
         jobs = plan(args, scale_of(args), selected, selection_seeds_here(args, args.selection, selected))
@@ -569,7 +605,13 @@ def main():
         return
 
     # wall seconds of each stage, for README's figures
-    record_timings(os.path.join(args.out, "timings.json"), seconds, args.jobs, threads, time.time() - t0)
+    record_timings(os.path.join(args.out, "audit_timings.json" if args.audit else "timings.json"), seconds, args.jobs,
+                   threads, time.time() - t0)
+    if args.audit:
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "robustness.py"), args.out, "--overwrite",
+                        f"--output_path={os.path.join(args.out, 'table_robustness')}"], cwd=ROOT, check=True)
+        print(f"\naudit finished in {time.time() - t0:.0f} s; table in {os.path.join(args.out, 'table_robustness.md')}")
+        return
     results = [j.output for j in jobs if j.output.endswith("results.json")]
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tables.py"), *results,
                     f"--output_path={os.path.join(args.out, 'table')}", "--overwrite"],  # regenerated on every run

@@ -13,7 +13,8 @@ data/paper_tables.json (--paper; regenerate it with scripts/paper_tables.py).
 
 Writes PREFIX.md, PREFIX.csv (every figure with its interval bounds, standard deviations and the
 per-seed rows) and PREFIX.png (train_forget accuracy against test_retain accuracy, error bars from the
-intervals). --output_path is a file prefix; an existing folder or a path ending in '/' gets
+intervals); where the folders hold audit.json files of audit.py, also PREFIX_robustness.md and
+PREFIX_robustness.png (scripts/robustness.py). --output_path is a file prefix; an existing folder or a path ending in '/' gets
 FOLDER/table.md, FOLDER/table.csv, FOLDER/table.png. An existing table is replaced only with --overwrite.
 
 Fields read from results.json: method, model, dataset, task (sentiment when absent), forget_size, metrics
@@ -33,6 +34,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import robustness  # noqa: E402
 from utils.cli import UserError, add_bool, run_main  # noqa: E402
 
 SPLITS = ("train_retain", "train_forget", "test_retain", "test_forget")
@@ -69,7 +71,8 @@ def parse_args(argv=None):
 
 def check_free(prefix, overwrite):
     """A table is replaced only with --overwrite, as a run folder is."""
-    there = [prefix + ext for ext in (".md", ".csv", ".png") if os.path.exists(prefix + ext)]
+    there = [prefix + ext for ext in (".md", ".csv", ".png", "_robustness.md", "_robustness.png")
+             if os.path.exists(prefix + ext)]
     if there and not overwrite:
         raise UserError(f"{there[0]} already exists: pass --overwrite to replace the table, or choose another --output_path")
 
@@ -621,6 +624,10 @@ def main():
     plot_tradeoff(rows, prefix + ".png")
     print(md)
     print(f"{len(results)} result file(s); wrote {prefix}.md, {prefix}.csv, {prefix}.png")
+    audits = robustness.find_audits(args.run_dirs)
+    if audits:  # audit.py's files beside the results: the robustness table and its heat map
+        print(robustness.write(audits, prefix + "_robustness", METHODS, METHODS))
+        print(f"{len(audits)} audit file(s); wrote {prefix}_robustness.md, {prefix}_robustness.png")
 
 
 if __name__ == "__main__":

@@ -98,11 +98,62 @@ def write_split_dir(path, splits):
     return str(path)
 
 
+_SERVER = []  # this test process's fork server (tests/forkserver.py), started on first use
+
+
+def _fork_server():
+    if not _SERVER or _SERVER[0].poll() is not None:
+        _SERVER[:] = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")], cwd=ROOT,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})]
+    return _SERVER[0]
+
+
+def _read_reply(server, timeout=None):
+    import json
+    import select
+
+    line = b""
+    while not line.endswith(b"\n"):
+        if timeout is not None and not select.select([server.stdout], [], [], timeout)[0]:
+            return None
+        chunk = os.read(server.stdout.fileno(), 1)
+        if not chunk:
+            raise RuntimeError("the tests' fork server ended")
+        line += chunk
+    return json.loads(line)
+
+
+def _forked(cmd, env, timeout):
+    """`cmd` run as subprocess.run would, in a process forked from the fork server (no ~10 s library import)."""
+    import json
+    import signal
+    import tempfile
+
+    server = _fork_server()
+    with tempfile.TemporaryDirectory() as d:
+        out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
+        server.stdin.write((json.dumps({"argv": cmd[1:], "cwd": ROOT, "env": env, "stdout": out, "stderr": err}) + "\n").encode())
+        pid = _read_reply(server)["pid"]
+        done = _read_reply(server, timeout)
+        if done is None:
+            os.killpg(pid, signal.SIGKILL)
+            _read_reply(server)
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        with open(out, errors="replace") as f, open(err, errors="replace") as g:
+            return subprocess.CompletedProcess(cmd, done["status"], f.read(), g.read())
+
+
 def run_script(script, *args, check=True, timeout=900, env=None):
-    """Run a top-level script as a user would; return the CompletedProcess (stdout+stderr captured)."""
+    """Run a top-level script as a user would; return the CompletedProcess (stdout+stderr captured). The script
+    runs in a fresh process forked from one that has imported the heavy libraries (tests/forkserver.py);
+    SPUL_TEST_FORK=0 starts a new interpreter instead."""
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    if os.environ.get("SPUL_TEST_FORK", "1") == "0":
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    else:
+        proc = _forked(cmd, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
