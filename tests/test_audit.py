@@ -295,6 +295,6 @@ def test_the_demo_audits_the_references_first_then_every_method(tmp_path):
     first = {"qlora audit", "retrained audit"}
     assert all(j.after == set() for j in jobs[:2]) and all(j.after == first for j in jobs[2:])
     assert "--retrained=none" in jobs[0].args and "--finetuned=none" in jobs[1].args
-    assert all(j.script == "audit.py" and "--max_eval_rows=32" in j.args and "--overwrite" in j.args for j in jobs)
+    assert all(j.script == "audit.py" and "--max_eval_rows=24" in j.args and "--overwrite" in j.args for j in jobs)
     with pytest.raises(UserError, match="run the demo first"):
         demo.plan_audit(argparse.Namespace(output_path=str(tmp_path / "nothing")), demo.SCALES["demo"])
