@@ -33,6 +33,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/robustness.py, however this file is loaded
 
 import robustness  # noqa: E402
 from utils.cli import UserError, add_bool, run_main  # noqa: E402

@@ -128,8 +128,7 @@ def heatmap(rows, path):
     grid = np.array([[((a.get("recovery") or {}).get(n) or {}).get("train_forget") for n in attacks] for _, a in rows],
                     dtype=float)
     fig, ax = plt.subplots(figsize=(1.1 * len(attacks) + 2.5, 0.45 * len(rows) + 1.5))
-    cmap = matplotlib.colormaps["RdYlGn_r"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["RdYlGn_r"].with_extremes(bad="#dddddd")
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-0.25, vmax=1.25, aspect="auto")
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):

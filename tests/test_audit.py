@@ -240,6 +240,16 @@ def test_every_attack_on_a_baseline_spul_and_eco_folder(stage_folders, capsys):
     assert json.load(open(stage_folders / "retrained" / "audit.json"))["method"] == "retrained"
     out = capsys.readouterr().out
     assert out.count("auditing the reference") == 2 and "recovery TF" in out
+    # the robustness table: a row per audited folder, references included, and the heat map
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_tables
+    import robustness
+
+    files = robustness.find_audits([stage_folders])
+    md = robustness.write(files, str(stage_folders / "robustness"), make_tables.METHODS, make_tables.METHODS)
+    rows = [line.split(" | ")[0] for line in md.split("### Accuracy")[0].splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| QLoRA", "| Retrained", "| GA", "| ECO", "| SPUL"]
+    assert os.path.getsize(stage_folders / "robustness.png") > 0
 
 
 @pytest.mark.xdist_group("audit_runs")  # one worker builds the stage folders
