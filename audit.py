@@ -200,7 +200,7 @@ def run_attacks(args, path, data, out, refs=(None, None)):
     old = read_json(out) if out else None
     kept = {}
     if old is not None:
-        diff = [d for d in settings_diff(old.get("settings", {}), settings)]
+        diff = settings_diff(old.get("settings", {}), settings)
         if diff and not args.overwrite:
             raise UserError(f"{out} holds an audit of other settings ({', '.join(diff[:4])}); pass --overwrite to replace "
                             f"it or --output_path to keep both")

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from _pytest.scope import Scope
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,9 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the scripts they start, or tiny models slow down several times over oversubscribed cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# pytest's widest fixture scope (its scopes are ordered): each such fixture is built once per test run (once
-# per test process under -n), not once per test
-ONCE_PER_RUN = max(Scope).value
+# pytest's widest fixture scope: each such fixture is built once per test run (once per test process under -n),
+# not once per test
+ONCE_PER_RUN = "session"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -142,6 +141,16 @@ def _forked(cmd, env, timeout):
             raise subprocess.TimeoutExpired(cmd, timeout)
         with open(out, errors="replace") as f, open(err, errors="replace") as g:
             return subprocess.CompletedProcess(cmd, done["status"], f.read(), g.read())
+
+
+def run_here(module, *args):
+    """A script's main() in this process, as its command line would run it (no interpreter start-up per stage)."""
+    saved = sys.argv
+    sys.argv = [module.__file__, *map(str, args)]
+    try:
+        module.main()
+    finally:
+        sys.argv = saved
 
 
 def run_script(script, *args, check=True, timeout=900, env=None):

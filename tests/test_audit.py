@@ -5,31 +5,15 @@ audit.json unless told to overwrite it."""
 import json
 import os
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, one_line_error, run_script
+from conftest import ROOT, one_line_error, run_here, run_script
 from utils.cli import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@contextmanager
-def _argv(script, *args):
-    saved = sys.argv
-    sys.argv = [script, *map(str, args)]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def run_here(module, *args):
-    with _argv(module.__file__, *args):
-        module.main()
 
 
 # ---------------------------------------------------------------- quantization

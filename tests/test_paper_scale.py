@@ -354,7 +354,7 @@ def test_requirements_name_every_imported_package():
     import subprocess
     import sys
 
-    alias = {"sklearn": "scikit-learn", "yaml": "pyyaml", "_pytest": "pytest"}
+    alias = {"sklearn": "scikit-learn", "yaml": "pyyaml"}
     via = {"huggingface-hub", "safetensors", "tokenizers", "joblib", "scipy", "packaging", "pyyaml", "pyarrow"}
     req = set()
     with open(os.path.join(ROOT, "requirements.txt")) as f:

@@ -2,7 +2,6 @@
 task's template with the chosen examples, retrieval finds a forget query itself, the guardrail is its instruction
 before the query, the filter leaves unflagged rows bit-identical, forget terms come from training rows alone, and
 every method runs through inference_spul.py and make_tables.py."""
-import contextlib
 import json
 import os
 import sys
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, one_line_error, run_script, write_split_dir
+from conftest import ROOT, one_line_error, run_here, run_script, write_split_dir
 from utils.cli import UserError
 from utils.eco import FeatureLM, PromptClassifier, row_features
 from utils.prompting import (GUARDRAIL, SEPARATOR, FilterLM, GuardrailLM, IculLM, PrefixedLM, example_ids,
@@ -204,22 +203,6 @@ def test_filter_keeps_unflagged_rows_and_refuses_flagged_ones(lm_enc, gate):
 
 
 # ---------------------------------------------------------------- scripts/forget_terms.py
-
-@contextlib.contextmanager
-def _argv(script, *args):
-    saved = sys.argv
-    sys.argv = [script, *map(str, args)]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def run_here(module, *args):
-    """A script's main() in this process, as its command line would run it (no interpreter start-up per stage)."""
-    with _argv(module.__file__, *args):
-        module.main()
-
 
 def test_forget_terms_finds_planted_names_from_training_files_alone(tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
